@@ -1,0 +1,1 @@
+"""Sub-commands of the ``cacflow`` command line, one module each."""
