@@ -1,0 +1,35 @@
+# cacflow: coronary artery calcium scores for CT cohorts.
+# One command runs the whole chain; see README.md. The logic lives in the
+# `cacflow` Python package; the rules below only wire its stages together.
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/plan.smk"
+include: "workflow/rules/discover.smk"
+include: "workflow/rules/select.smk"
+include: "workflow/rules/convert.smk"
+include: "workflow/rules/infer.smk"
+include: "workflow/rules/score.smk"
+include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/report.smk"
+include: "workflow/rules/train.smk"
+
+
+rule all:
+    input:
+        COHORT_TABLES,
+        "results/cohort/data_dictionary.csv",
+        "results/cohort/data_dictionary.md",
+        "results/cohort/report.html",
+    default_target: True

@@ -1,0 +1,1 @@
+"""The coronary calcium network, its preprocessing contract and inference engines."""

@@ -1,0 +1,181 @@
+"""Inference engines behind one interface.
+
+Every engine takes a float32 batch ``[n, C, H, W]`` (see ``preprocessing``) and
+returns float32 logits ``[n, N_CLASSES, H, W]``. The engine is created once per
+job and reused for every scan (peers reload their model per image; we do not).
+
+``auto`` picks TensorRT when it is importable and a GPU is present, else PyTorch
+on CUDA, else ONNX Runtime on the CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+ENGINE_CHOICES = ("auto", "onnxruntime", "torch", "tensorrt")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A trained model on disk: PyTorch weights (the source of truth), the ONNX
+    export, and ``model.json`` (version, architecture, preprocessing contract)."""
+
+    directory: Path
+
+    @classmethod
+    def packaged(cls) -> "ModelFiles":
+        return cls(Path(str(resources.files("cacflow.model") / "weights")))
+
+    @property
+    def torch_path(self) -> Path:
+        return self.directory / "calciumnet.pt"
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.directory / "calciumnet.onnx"
+
+    @cached_property
+    def info(self) -> dict:
+        return json.loads((self.directory / "model.json").read_text())
+
+    @property
+    def version(self) -> str:
+        return self.info["model_version"]
+
+    @cached_property
+    def sha256(self) -> str:
+        """Hash of the weights: provenance for every result row."""
+        return hashlib.sha256(self.torch_path.read_bytes()).hexdigest()
+
+    def build_network(self):
+        """The PyTorch network with the trained weights loaded (eval mode)."""
+        import torch
+
+        from cacflow.model.network import CalciumNet
+
+        network = CalciumNet(self.info["in_channels"], tuple(self.info["widths"]))
+        network.load_state_dict(torch.load(self.torch_path, map_location="cpu", weights_only=True))
+        return network.eval()
+
+
+class Engine:
+    name = "base"
+    device = "cpu"
+    precision = "fp32"
+
+    @property
+    def label(self) -> str:
+        """Recorded in every result row, e.g. ``onnxruntime-cpu-fp32``."""
+        return f"{self.name}-{self.device}-{self.precision}"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class OnnxRuntimeEngine(Engine):
+    name = "onnxruntime"
+
+    def __init__(self, model: ModelFiles, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or _cpu_threads()
+        options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(
+            str(model.onnx_path), options, providers=["CPUExecutionProvider"]
+        )
+        self._input_name = self._session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self._session.run(None, {self._input_name: np.ascontiguousarray(batch, np.float32)})[0]
+
+
+class TorchEngine(Engine):
+    name = "torch"
+
+    def __init__(self, model: ModelFiles, threads: int | None = None):
+        import torch
+
+        self._torch = torch
+        self._network = model.build_network()
+        if torch.cuda.is_available():
+            self.device = "cuda"
+            # fp16 autocast halves memory traffic on the GPU; bf16 where fp16 is not fast.
+            self.precision = "fp16"
+            self._network = self._network.to("cuda", memory_format=torch.channels_last)
+        else:
+            torch.set_num_threads(threads or _cpu_threads())
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            tensor = torch.from_numpy(np.ascontiguousarray(batch, np.float32))
+            if self.device == "cuda":
+                tensor = tensor.to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.float16):
+                    logits = self._network(tensor)
+                return logits.float().cpu().numpy()
+            return self._network(tensor).numpy()
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """Whether the TensorRT engine can run here, and why not."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False, "the tensorrt package is not installed (pip install 'cacflow[tensorrt]')"
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is needed for TensorRT buffers"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible"
+    return True, "available"
+
+
+def create_engine(kind: str = "auto", model: ModelFiles | None = None, threads: int | None = None) -> Engine:
+    """Create the inference engine ``kind`` (see ENGINE_CHOICES)."""
+    if kind not in ENGINE_CHOICES:
+        raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINE_CHOICES)}")
+    model = model or ModelFiles.packaged()
+    if kind == "auto":
+        if tensorrt_available()[0]:
+            kind = "tensorrt"
+        elif _cuda_available():
+            kind = "torch"
+        else:
+            kind = "onnxruntime"
+    if kind == "onnxruntime":
+        return OnnxRuntimeEngine(model, threads)
+    if kind == "torch":
+        return TorchEngine(model, threads)
+    ok, why = tensorrt_available()
+    if not ok:
+        raise RuntimeError(f"the tensorrt engine cannot run here: {why}")
+    from cacflow.model.tensorrt_engine import TensorRTEngine
+
+    return TensorRTEngine(model)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _cpu_threads() -> int:
+    """Threads this job may use: Snakemake/SLURM set the affinity mask."""
+    env_threads = os.environ.get("CACFLOW_THREADS")
+    if env_threads:
+        return max(1, int(env_threads))
+    return max(1, len(os.sched_getaffinity(0)))

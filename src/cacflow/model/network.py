@@ -1,0 +1,65 @@
+"""CalciumNet: a small 2-D U-Net that decides which coronary artery, if any,
+each calcified pixel belongs to.
+
+Lesions themselves come from the full-resolution HU threshold (so scores stay
+exact); the network only classifies candidate calcium, on a coarse in-plane grid
+(``preprocessing.TARGET_SPACING_MM``), which keeps CPU inference cheap.
+
+Output classes: 0 = calcium that is not coronary (bone, aorta, valves, noise),
+1 LM, 2 LAD, 3 LCX, 4 RCA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+N_CLASSES = 5
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class CalciumNet(nn.Module):
+    """U-Net with ``len(widths) - 1`` poolings; input H and W must be multiples
+    of ``2 ** (len(widths) - 1)`` (the preprocessing pads to that)."""
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...] = (16, 24, 32, 48, 64)):
+        super().__init__()
+        self.widths = tuple(widths)
+        self.encoders = nn.ModuleList()
+        c_prev = in_channels
+        for width in widths:
+            self.encoders.append(_conv_block(c_prev, width))
+            c_prev = width
+        self.decoders = nn.ModuleList()
+        for width_skip, width_below in zip(widths[-2::-1], widths[:0:-1]):
+            self.decoders.append(_conv_block(width_skip + width_below, width_skip))
+        self.head = nn.Conv2d(widths[0], N_CLASSES, 1)
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (len(self.widths) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level, encoder in enumerate(self.encoders):
+            if level > 0:
+                x = F.max_pool2d(x, 2)
+            x = encoder(x)
+            skips.append(x)
+        x = skips.pop()
+        for decoder in self.decoders:
+            skip = skips.pop()
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = decoder(torch.cat([skip, x], dim=1))
+        return self.head(x)

@@ -1,0 +1,105 @@
+"""What the network sees, shared by training and every inference engine.
+
+The CT volume (canonical ``hu[z, y, x]``) is box-averaged in-plane onto a coarse
+grid of ``TARGET_SPACING_MM`` pixels. Each coarse pixel covers a fixed block of
+full-resolution pixels (``CoarseGrid``), and the same mapping sends the network's
+per-pixel decision back to every full-resolution voxel, so training targets,
+inputs and votes agree exactly.
+
+Channels per slice z:
+  0-2  soft-tissue window of slices z-1, z, z+1 (through-plane context)
+  3    wide window of slice z (lung, fat, bone)
+  4    fraction of the coarse pixel that is at or above the calcium threshold
+  5    mean calcium density above threshold (how bright the calcium is)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+TARGET_SPACING_MM = 1.5
+N_INPUT_CHANNELS = 6
+SIZE_MULTIPLE = 16  # 2 ** number of poolings in CalciumNet
+IGNORE_INDEX = -1
+
+
+@dataclass(frozen=True)
+class CoarseGrid:
+    """Maps full-resolution rows/columns onto coarse pixels (padded network grid)."""
+
+    row_index: np.ndarray  # int64 [Y]: coarse row of each full-res row
+    col_index: np.ndarray  # int64 [X]: coarse column of each full-res column
+    height: int  # coarse rows actually covered
+    width: int
+    padded_height: int  # network input size (multiple of SIZE_MULTIPLE)
+    padded_width: int
+
+    @classmethod
+    def for_shape(cls, rows: int, cols: int, row_mm: float, col_mm: float) -> "CoarseGrid":
+        height = max(1, int(round(rows * row_mm / TARGET_SPACING_MM)))
+        width = max(1, int(round(cols * col_mm / TARGET_SPACING_MM)))
+        row_index = np.minimum((np.arange(rows) + 0.5) * height / rows, height - 1).astype(np.int64)
+        col_index = np.minimum((np.arange(cols) + 0.5) * width / cols, width - 1).astype(np.int64)
+        pad = lambda n: -(-n // SIZE_MULTIPLE) * SIZE_MULTIPLE  # noqa: E731 - round up
+        return cls(row_index, col_index, height, width, pad(height), pad(width))
+
+    def flat_index(self) -> np.ndarray:
+        """[Y, X] index of each full-res pixel into a flattened padded coarse slice."""
+        return self.row_index[:, None] * self.padded_width + self.col_index[None, :]
+
+    def box_mean(self, images: np.ndarray) -> np.ndarray:
+        """Average ``images[z, Y, X]`` over each coarse pixel -> [z, padded_h, padded_w]."""
+        n_slices = images.shape[0]
+        cells = self.padded_height * self.padded_width
+        flat = self.flat_index().ravel()
+        counts = np.bincount(flat, minlength=cells).astype(np.float32)
+        out = np.empty((n_slices, cells), dtype=np.float32)
+        for z in range(n_slices):  # per slice keeps peak memory to one slice of weights
+            out[z] = np.bincount(flat, weights=images[z].ravel(), minlength=cells)
+        out /= np.maximum(counts, 1.0)
+        return out.reshape(n_slices, self.padded_height, self.padded_width)
+
+
+def network_inputs(hu: np.ndarray, spacing_mm: tuple[float, float, float], threshold_hu: float = 130.0):
+    """Return (inputs float32 [z, C, H, W], grid) for a canonical HU volume."""
+    grid = CoarseGrid.for_shape(hu.shape[1], hu.shape[2], spacing_mm[1], spacing_mm[2])
+    hu = hu.astype(np.float32, copy=False)
+    soft = grid.box_mean(np.clip(hu, -200.0, 300.0))
+    soft = (soft - 50.0) / 250.0
+    wide = grid.box_mean(np.clip(hu, -1000.0, 1000.0)) / 1000.0
+    calcium = hu >= threshold_hu
+    fraction = grid.box_mean(calcium.astype(np.float32))
+    density = grid.box_mean(np.where(calcium, np.clip(hu - threshold_hu, 0.0, 870.0), 0.0)) / 870.0
+    density = density / np.maximum(fraction, 1e-3) * (fraction > 0)
+    below = np.concatenate([soft[:1], soft[:-1]])
+    above = np.concatenate([soft[1:], soft[-1:]])
+    inputs = np.stack([below, soft, above, wide, fraction, density], axis=1)
+    # Padding rows/cols have no full-res pixels: mark them as air, not as tissue.
+    inputs[:, 0:3, grid.height:, :] = inputs[:, 0:3, :, grid.width:] = -1.0
+    inputs[:, 3, grid.height:, :] = inputs[:, 3, :, grid.width:] = -1.0
+    return inputs.astype(np.float32), grid
+
+
+def network_targets(
+    hu: np.ndarray,
+    coronary_labels: np.ndarray,
+    grid: CoarseGrid,
+    threshold_hu: float = 130.0,
+) -> np.ndarray:
+    """Training target per coarse pixel: the majority class among its calcified voxels
+    (0 = not coronary, 1-4 = vessel), IGNORE_INDEX where it holds no calcium."""
+    n_slices = hu.shape[0]
+    cells = grid.padded_height * grid.padded_width
+    flat = grid.flat_index().ravel()
+    targets = np.full((n_slices, cells), IGNORE_INDEX, dtype=np.int64)
+    for z in range(n_slices):
+        calcified = (hu[z] >= threshold_hu).ravel()
+        if not calcified.any():
+            continue
+        classes = coronary_labels[z].ravel()[calcified].astype(np.int64)
+        votes = np.bincount(flat[calcified] * 5 + classes, minlength=cells * 5).reshape(cells, 5)
+        has_calcium = votes.sum(axis=1) > 0
+        targets[z, has_calcium] = votes[has_calcium].argmax(axis=1)
+    return targets.reshape(n_slices, grid.padded_height, grid.padded_width)

@@ -1,0 +1,59 @@
+"""Engines agree with the fp32 PyTorch network; choices and failures are explicit."""
+
+import numpy as np
+import pytest
+import torch
+
+from cacflow.model.engines import ModelFiles, OnnxRuntimeEngine, TorchEngine, create_engine, tensorrt_available
+from cacflow.model.network import CalciumNet
+from cacflow.model.preprocessing import N_INPUT_CHANNELS
+from cacflow.training import TrainingConfig, export
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    """An untrained network exported like a trained one: parity does not need training."""
+    torch.manual_seed(0)
+    network = CalciumNet(N_INPUT_CHANNELS, (8, 8, 16, 16, 16)).eval()
+    directory = tmp_path_factory.mktemp("model")
+    config = TrainingConfig(work_dir=str(directory), model_dir=str(directory), widths=(8, 8, 16, 16, 16))
+    export(network, config, history=[])
+    return ModelFiles(directory)
+
+
+def test_export_records_parity_and_architecture(random_model):
+    info = random_model.info
+    assert info["onnx_max_abs_diff_vs_torch"] < 1e-3
+    assert info["widths"] == [8, 8, 16, 16, 16]
+    assert len(random_model.sha256) == 64
+
+
+def test_onnxruntime_matches_torch_on_any_batch_and_size(random_model):
+    batch = np.random.default_rng(1).normal(size=(5, N_INPUT_CHANNELS, 48, 80)).astype(np.float32)
+    ort_logits = OnnxRuntimeEngine(random_model, threads=1)(batch)
+    torch_logits = TorchEngine(random_model, threads=1)(batch)
+    assert ort_logits.shape == (5, 5, 48, 80)
+    np.testing.assert_allclose(ort_logits, torch_logits, atol=1e-3, rtol=1e-3)
+    assert (ort_logits.argmax(1) == torch_logits.argmax(1)).mean() > 0.999
+
+
+def test_auto_picks_onnxruntime_on_a_cpu_machine(random_model):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: auto would pick a GPU engine")
+    engine = create_engine("auto", random_model)
+    assert engine.label == "onnxruntime-cpu-fp32"
+    assert create_engine("torch", random_model).label == "torch-cpu-fp32"
+
+
+def test_unknown_engine_is_refused(random_model):
+    with pytest.raises(ValueError, match="unknown engine"):
+        create_engine("tensorflow", random_model)
+
+
+def test_tensorrt_without_tensorrt_says_why(random_model):
+    available, why = tensorrt_available()
+    if available:
+        pytest.skip("TensorRT is available here")
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        create_engine("tensorrt", random_model)
+    assert why

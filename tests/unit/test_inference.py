@@ -1,0 +1,64 @@
+import numpy as np
+
+from cacflow.inference import CalciumSegmenter, assign_candidates
+from cacflow.model.network import N_CLASSES
+from cacflow.model.preprocessing import CoarseGrid
+
+
+def one_hot_probabilities(grid, n_slices, classes_by_cell):
+    probs = np.zeros((n_slices, N_CLASSES, grid.padded_height, grid.padded_width), dtype=np.float32)
+    probs[:, 0] = 1.0
+    for (z, row, col), cls in classes_by_cell.items():
+        probs[z, :, row, col] = 0.0
+        probs[z, cls, row, col] = 1.0
+    return probs
+
+
+def test_each_candidate_takes_its_majority_class_and_non_coronary_stays_zero():
+    hu = np.zeros((2, 8, 8), dtype=np.float32)
+    hu[0, 0:2, 0:3] = 300.0  # lesion A spans coarse cells (0,0) and (0,1)
+    hu[1, 5:7, 5:7] = 300.0  # lesion B in cell (2,2) and (3,3) region
+    grid = CoarseGrid.for_shape(8, 8, 0.75, 0.75)
+    probs = one_hot_probabilities(grid, 2, {(0, 0, 0): 2, (0, 0, 1): 3})
+    labels, n_candidates, n_coronary = assign_candidates(hu, probs, grid, 130.0)
+    assert n_candidates == 2 and n_coronary == 1
+    # cell (0,0) holds 4 voxels of A, cell (0,1) 2 voxels: A is LAD (2) as a whole
+    assert set(np.unique(labels[0][hu[0] >= 130])) == {2}
+    assert labels[1].max() == 0  # B was voted "not coronary"
+    assert labels[hu < 130].max() == 0
+
+
+def test_lesions_touching_only_across_slices_are_separate_candidates():
+    hu = np.zeros((2, 4, 4), dtype=np.float32)
+    hu[:, 1, 1] = 500.0
+    grid = CoarseGrid.for_shape(4, 4, 0.75, 0.75)
+    probs = one_hot_probabilities(grid, 2, {(0, 0, 0): 1, (1, 0, 0): 4})
+    labels, n_candidates, _ = assign_candidates(hu, probs, grid, 130.0)
+    assert n_candidates == 2
+    assert labels[0, 1, 1] == 1 and labels[1, 1, 1] == 4
+
+
+class ConstantEngine:
+    """Votes every pixel into one class: checks the segmenter's wiring end to end."""
+
+    label = "constant-cpu-fp32"
+
+    def __init__(self, cls):
+        self.cls = cls
+        self.batches = []
+
+    def __call__(self, batch):
+        self.batches.append(batch.shape[0])
+        logits = np.zeros((batch.shape[0], N_CLASSES) + batch.shape[2:], dtype=np.float32)
+        logits[:, self.cls] = 10.0
+        return logits
+
+
+def test_segmenter_batches_slices_and_labels_all_calcium():
+    hu = np.random.default_rng(0).normal(0, 20, (20, 32, 32)).astype(np.float32)
+    hu[5, 10:13, 10:13] = 400
+    engine = ConstantEngine(cls=4)
+    result = CalciumSegmenter(engine, batch_slices=8).segment(hu, (3.0, 0.7, 0.7))
+    assert engine.batches == [8, 8, 4]
+    assert np.array_equal(result.labels > 0, hu >= 130)
+    assert set(np.unique(result.labels)) == {0, 4}

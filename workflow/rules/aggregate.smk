@@ -1,0 +1,37 @@
+def reference_scores(wildcards):
+    """Ground truth of the demo cohort, so the run reports predicted vs reference."""
+    return ["results/demo/ground_truth/reference_scores.tsv"] if config["manifest"] == "demo" else []
+
+
+rule aggregate:
+    """Build the cohort Parquet tables from the shards (atomic writes)."""
+    input:
+        plan=rules.plan_shards.output.plan,
+        scans=per_shard(rules.score.output.scans),
+        lesions=per_shard(rules.score.output.lesions),
+        series=per_shard(rules.select_series.output.series),
+        reference=reference_scores,
+    output:
+        scans="results/cohort/scans.parquet",
+        lesions="results/cohort/lesions.parquet",
+        series="results/cohort/series.parquet",
+    params:
+        withdrawals=config["withdrawals"],
+        reference=lambda wildcards, input: " ".join(f"--reference {path}" for path in input.reference),
+    log:
+        "results/logs/aggregate.log",
+    shell:
+        "cacflow stage aggregate --scans {input.scans} --lesions {input.lesions} "
+        "--series {input.series} {params.reference} --withdrawals {params.withdrawals:q} "
+        "--out-dir results/cohort > {log} 2>&1"
+
+
+rule data_dictionary:
+    """Every column of every cohort table: type, unit, definition, allowed values."""
+    output:
+        csv="results/cohort/data_dictionary.csv",
+        md="results/cohort/data_dictionary.md",
+    log:
+        "results/logs/data_dictionary.log",
+    shell:
+        "cacflow stage dictionary --out-dir results/cohort > {log} 2>&1"

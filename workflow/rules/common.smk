@@ -1,0 +1,38 @@
+# Shared helpers for the rules: paths, settings passed to stages, shard lookup.
+import json
+
+SHARDS_DIR = "results/shards"
+COHORT_TABLES = [
+    "results/cohort/scans.parquet",
+    "results/cohort/lesions.parquet",
+    "results/cohort/series.parquet",
+]
+
+
+def manifest_path():
+    """The cohort manifest: the user's TSV, or the generated demo cohort's."""
+    if config["manifest"] == "demo":
+        return "results/demo/manifest.tsv"
+    return config["manifest"]
+
+
+def stage_settings(*sections):
+    """Config sections a stage depends on, as one JSON string. Passed as a param,
+    so changing a setting reruns exactly the stages that use it."""
+    return json.dumps({section: config[section] for section in sections}, sort_keys=True)
+
+
+def shard_ids():
+    plan = checkpoints.plan_shards.get().output.plan
+    with open(plan) as handle:
+        next(handle)  # header
+        return sorted({line.split("\t")[0] for line in handle if line.strip()})
+
+
+def per_shard(pattern):
+    """Input function: `pattern` (with {shard}) for every shard of the plan."""
+
+    def inputs(wildcards):
+        return expand(pattern, shard=shard_ids())
+
+    return inputs

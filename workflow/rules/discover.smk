@@ -1,0 +1,16 @@
+rule discover:
+    """Read the DICOM headers (no pixels) of every file of the shard's visits."""
+    input:
+        members=f"{SHARDS_DIR}/{{shard}}/members.tsv",
+    output:
+        series=f"{SHARDS_DIR}/{{shard}}/discover/series.parquet",
+        visits=f"{SHARDS_DIR}/{{shard}}/discover/visits.parquet",
+    threads: config["resources"]["cpu_threads"]
+    resources:
+        mem_mb=config["resources"]["mem_mb"],
+        runtime=config["resources"]["runtime_min"],
+    log:
+        "results/logs/discover/{shard}.log",
+    shell:
+        "cacflow stage discover --members {input.members} "
+        "--out-series {output.series} --out-visits {output.visits} > {log} 2>&1"

@@ -1,0 +1,22 @@
+rule infer:
+    """Label coronary calcium per vessel. One job per shard loads the engine once
+    and streams every volume of the shard through it."""
+    input:
+        visits=rules.convert.output.visits,
+    output:
+        visits=f"{SHARDS_DIR}/{{shard}}/infer/visits.parquet",
+        labels=directory(f"{SHARDS_DIR}/{{shard}}/infer/labels"),
+    params:
+        engine=config["engine"],
+        settings=stage_settings("scoring"),
+    threads: config["resources"]["infer_threads"]
+    resources:
+        mem_mb=config["resources"]["mem_mb"],
+        runtime=config["resources"]["runtime_min"],
+        gpu=1,
+    log:
+        "results/logs/infer/{shard}.log",
+    shell:
+        "CACFLOW_THREADS={threads} cacflow stage infer --visits {input.visits} "
+        "--engine {params.engine} --settings {params.settings:q} "
+        "--labels-dir {output.labels} --out-visits {output.visits} > {log} 2>&1"

@@ -1,0 +1,13 @@
+rule train:
+    """Train CalciumNet on generated phantoms (seeded, resumable): `snakemake train`.
+    Writes a candidate model to results/model/; copy it to
+    src/cacflow/model/weights/ to ship it."""
+    output:
+        weights="results/model/calciumnet.pt",
+        onnx="results/model/calciumnet.onnx",
+        info="results/model/model.json",
+    threads: workflow.cores
+    log:
+        "results/logs/train.log",
+    shell:
+        "cacflow train --work-dir results/training --model-dir results/model > {log} 2>&1"
