@@ -2,12 +2,15 @@
 # One command runs the whole chain; see README.md. The logic lives in the
 # `cacflow` Python package; the rules below only wire its stages together.
 
+import os
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# Defaults live beside this file, so `--directory` can point the outputs anywhere.
+configfile: os.path.join(workflow.basedir, "config/config.yaml")
 
 
 validate(config, "config/schema/config.schema.yaml")

@@ -1,8 +1,3 @@
-def reference_scores(wildcards):
-    """Ground truth of the demo cohort, so the run reports predicted vs reference."""
-    return ["results/demo/ground_truth/reference_scores.tsv"] if config["manifest"] == "demo" else []
-
-
 rule aggregate:
     """Build the cohort Parquet tables from the shards (atomic writes)."""
     input:
@@ -18,6 +13,8 @@ rule aggregate:
     params:
         withdrawals=config["withdrawals"],
         reference=lambda wildcards, input: " ".join(f"--reference {path}" for path in input.reference),
+    conda:
+        CONDA_ENV
     log:
         "results/logs/aggregate.log",
     shell:
@@ -31,6 +28,8 @@ rule data_dictionary:
     output:
         csv="results/cohort/data_dictionary.csv",
         md="results/cohort/data_dictionary.md",
+    conda:
+        CONDA_ENV
     log:
         "results/logs/data_dictionary.log",
     shell:

@@ -2,6 +2,8 @@
 import json
 
 SHARDS_DIR = "results/shards"
+# One software environment for all steps; conda paths are relative to the rules folder.
+CONDA_ENV = "../../envs/cacflow.yaml"
 COHORT_TABLES = [
     "results/cohort/scans.parquet",
     "results/cohort/lesions.parquet",
@@ -36,3 +38,8 @@ def per_shard(pattern):
         return expand(pattern, shard=shard_ids())
 
     return inputs
+
+
+def reference_scores(wildcards):
+    """Ground truth of the demo cohort, so the run reports predicted vs reference."""
+    return ["results/demo/ground_truth/reference_scores.tsv"] if config["manifest"] == "demo" else []

@@ -9,6 +9,8 @@ rule convert:
     resources:
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["runtime_min"],
+    conda:
+        CONDA_ENV
     log:
         "results/logs/convert/{shard}.log",
     shell:

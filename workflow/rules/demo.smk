@@ -7,6 +7,8 @@ rule demo_cohort:
     params:
         participants=config["demo"]["participants"],
         seed=config["demo"]["seed"],
+    conda:
+        CONDA_ENV
     log:
         "results/logs/demo_cohort.log",
     shell:

@@ -9,6 +9,8 @@ rule discover:
     resources:
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["runtime_min"],
+    conda:
+        CONDA_ENV
     log:
         "results/logs/discover/{shard}.log",
     shell:

@@ -14,6 +14,8 @@ rule infer:
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["runtime_min"],
         gpu=1,
+    conda:
+        CONDA_ENV
     log:
         "results/logs/infer/{shard}.log",
     shell:

@@ -7,8 +7,11 @@ checkpoint plan_shards:
         plan=f"{SHARDS_DIR}/plan.tsv",
     params:
         shard_size=config["shard_size"],
+        shards_dir=lambda wildcards, output: os.path.dirname(output.plan),
+    conda:
+        CONDA_ENV
     log:
         "results/logs/plan_shards.log",
     shell:
-        "cacflow stage plan --manifest {input.manifest} --shards-dir " + SHARDS_DIR + " "
+        "cacflow stage plan --manifest {input.manifest} --shards-dir {params.shards_dir} "
         "--shard-size {params.shard_size} --out {output.plan} > {log} 2>&1"

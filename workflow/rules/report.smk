@@ -5,6 +5,8 @@ rule report:
         infer=per_shard(rules.infer.output.visits),
     output:
         html="results/cohort/report.html",
+    conda:
+        CONDA_ENV
     log:
         "results/logs/report.log",
     shell:

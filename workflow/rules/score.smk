@@ -12,6 +12,8 @@ rule score:
     resources:
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["runtime_min"],
+    conda:
+        CONDA_ENV
     log:
         "results/logs/score/{shard}.log",
     shell:

@@ -12,6 +12,8 @@ rule select_series:
     resources:
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["runtime_min"],
+    conda:
+        CONDA_ENV
     log:
         "results/logs/select/{shard}.log",
     shell:

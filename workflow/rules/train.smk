@@ -7,6 +7,8 @@ rule train:
         onnx="results/model/calciumnet.onnx",
         info="results/model/model.json",
     threads: workflow.cores
+    conda:
+        CONDA_ENV
     log:
         "results/logs/train.log",
     shell:
