@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from cacflow import __version__
 from cacflow.atomic import atomic_write_bytes
@@ -43,17 +42,22 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_frame(frame: pd.DataFrame, path: str | Path) -> None:
-    """Internal per-shard tables: Parquet, written atomically."""
+def write_rows(rows: list[dict], path: str | Path) -> None:
+    """Internal per-shard tables (not the cohort contract): Parquet, atomic."""
     import io
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
+    pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({}), buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def read_frame(path: str | Path) -> pd.DataFrame:
-    return pd.read_parquet(path)
+def read_rows(path: str | Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
 
 
 def _failure_reason(stage: str, error: BaseException) -> str:
@@ -75,90 +79,247 @@ def stage_plan(manifest_path: Path, shards_dir: Path, shard_size: int, out_plan:
     log.info("plan: %d visits in %d shards", len(plan), len({shard for shard, _ in plan}))
 
 
+# --- discover --------------------------------------------------------------------
+
+DISCOVERY_MESSAGES = {
+    "dicom_dir_missing": "the DICOM folder given in the manifest does not exist; check the manifest path",
+    "dicom_dir_not_a_directory": "the manifest's dicom_dir is a file, not a folder; give the visit's folder",
+    "dicom_dir_empty": "the DICOM folder is empty; the visit's images were not exported",
+    "no_dicom_files": "the folder holds no readable DICOM files; check the export (files unreadable or not DICOM)",
+    "directory_unreadable": "the DICOM folder cannot be read (permissions); ask for read access",
+}
+
+
+def discover_entry(entry) -> tuple[list[dict], dict]:
+    """Series rows (with their sorted file lists) and the visit row for one manifest entry."""
+    from cacflow.discover import discover_visit
+
+    found = discover_visit(entry.dicom_dir) if entry.dicom_dir else None
+    visit = {"participant_id": entry.participant_id, "visit": entry.visit, "status": PENDING, "status_reason": None}
+    if found is None:
+        visit.update(status=NOT_SCORABLE, status_reason="the manifest gives no dicom_dir for this visit")
+        return [], visit
+    visit.update(n_series=len(found.series), n_files_seen=found.n_files_seen, n_unreadable=len(found.unreadable))
+    if found.unreadable:
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(found.unreadable_counts().items()))
+        log.warning("%s %s: %d files not used (%s)", entry.participant_id, entry.visit, len(found.unreadable), counts)
+        visit["unreadable_summary"] = counts
+    if not found.series:
+        message = DISCOVERY_MESSAGES.get(found.reason or "", found.reason or "no DICOM series found")
+        visit.update(status=NOT_SCORABLE, status_reason=f"{message} [{found.reason}]")
+    series = []
+    for record in found.series:
+        row = record.to_row()
+        row.update(participant_id=entry.participant_id, visit=entry.visit, files=list(record.files))
+        series.append(row)
+    return series, visit
+
+
+def stage_discover(members_path: Path, out_series: Path, out_visits: Path) -> None:
+    from cacflow.sharding import read_members
+
+    entries = read_members(members_path)
+    progress = Progress("discover", len(entries), log)
+    all_series, visits = [], []
+    for entry in entries:
+        try:
+            series, visit = discover_entry(entry)
+        except Exception as error:  # noqa: BLE001 - one visit must never stop the shard
+            series, visit = [], {"participant_id": entry.participant_id, "visit": entry.visit,
+                                 "status": FAILED, "status_reason": _failure_reason("discovery", error)}
+        all_series.extend(series)
+        visits.append(visit)
+        progress.step()
+    write_rows(all_series, out_series)
+    write_rows(visits, out_visits)
+
+
+# --- select ----------------------------------------------------------------------
+
+def qc_settings_from_config(settings: dict):
+    from cacflow.qc import QCSettings
+
+    qc = settings["qc"]
+    return QCSettings(
+        scoring_thickness_mm=tuple(qc["gated_thickness_mm"]),
+        max_thickness_mm=float(qc["nongated_max_thickness_mm"]),
+        expected_kvp=float(qc["expected_kvp"]),
+    )
+
+
+def record_from_row(row: dict):
+    """Rebuild a SeriesRecord from its discover-stage row."""
+    from dataclasses import fields
+
+    from cacflow.discover import SeriesRecord
+
+    values = {f.name: row.get(f.name) for f in fields(SeriesRecord) if f.name != "duplicate_files"}
+    values["image_type"] = tuple(filter(None, (row.get("image_type") or "").split("\\")))
+    values["files"] = list(row.get("files") or [])
+    return SeriesRecord(**values)
+
+
+# Columns of the chosen series that travel with the visit to the scans table.
+CHOSEN_SERIES_FIELDS = {
+    "series_instance_uid": "series_uid", "kvp": "kvp", "slice_thickness_mm": "slice_thickness_mm",
+    "slice_increment_mm": "slice_increment_mm", "manufacturer": "manufacturer",
+    "scanner_model": "manufacturer_model", "n_slices": "n_slices", "files": "files",
+}
+
+
+def select_visit(series_rows: list[dict], visit: dict, settings: dict) -> tuple[list[dict], dict]:
+    """QC every series of one visit and choose the one to score."""
+    from cacflow.qc import qc_series
+    from cacflow.selection import select_series
+
+    qc_settings = qc_settings_from_config(settings)
+    pairs = [(record_from_row(row), None) for row in series_rows]
+    pairs = [(record, qc_series(record, qc_settings)) for record, _ in pairs]
+    qc_by_uid = {record.series_uid: qc for record, qc in pairs}
+    out_rows = []
+    if visit["status"] == PENDING or series_rows:
+        selection = select_series(pairs, prefer_gated=True, settings=qc_settings)
+        ranking = {r.series_uid: r for r in selection.ranked}
+        for row in series_rows:
+            qc = qc_by_uid[row["series_uid"]]
+            ranked = ranking[row["series_uid"]]
+            out = dict(row)
+            out.update(qc.to_row())
+            out.update(chosen=ranked.chosen, selection_rank=ranked.rank, not_chosen_reason=ranked.reason_not_chosen)
+            out_rows.append(out)
+        if visit["status"] == PENDING:
+            _apply_selection(visit, selection, qc_by_uid, series_rows, settings)
+    return out_rows, visit
+
+
+def _apply_selection(visit, selection, qc_by_uid, series_rows, settings) -> None:
+    if selection.chosen_uid is None:
+        visit.update(status=NOT_SCORABLE, status_reason=selection.visit_reason)
+        return
+    qc = qc_by_uid[selection.chosen_uid]
+    if selection.scan_type == "nongated" and not settings["qc"]["score_nongated"]:
+        visit.update(status=NOT_SCORABLE, status_reason=(
+            "no ECG-gated series; the best series is non-gated chest CT, which this run is configured "
+            "not to score (qc.score_nongated: false)"))
+        return
+    chosen = next(row for row in series_rows if row["series_uid"] == selection.chosen_uid)
+    for column, field_name in CHOSEN_SERIES_FIELDS.items():
+        visit[column] = chosen.get(field_name)
+    visit.update(
+        gated=qc.gating.gated, gating_confidence=qc.gating.confidence, scan_type=qc.scan_type,
+        qc_status=qc.status, qc_reasons=qc.qc_reasons or None, selection_note=selection.visit_reason,
+    )
+
+
+def stage_select(series_path: Path, visits_path: Path, settings: dict, out_series: Path, out_visits: Path) -> None:
+    series_rows, visits = read_rows(series_path), read_rows(visits_path)
+    by_visit: dict[tuple, list[dict]] = {}
+    for row in series_rows:
+        by_visit.setdefault((row["participant_id"], row["visit"]), []).append(row)
+    progress = Progress("select", len(visits), log)
+    all_series = []
+    for visit in visits:
+        rows = by_visit.get((visit["participant_id"], visit["visit"]), [])
+        try:
+            selected, visit = select_visit(rows, visit, settings)
+        except Exception as error:  # noqa: BLE001 - one visit must never stop the shard
+            selected = [dict(row, qc_status="fail", qc_reasons="qc_error", chosen=False) for row in rows]
+            visit.update(status=FAILED, status_reason=_failure_reason("quality control", error))
+        all_series.extend(selected)
+        progress.step()
+    write_rows(all_series, out_series)
+    write_rows(visits, out_visits)
+
+
 # --- convert ---------------------------------------------------------------------
 
-def stage_convert(visits_path: Path, nifti_dir: Path, out_visits: Path) -> None:
+def convert_visit(visit: dict, nifti_dir: Path) -> dict:
     from cacflow.convert import ConversionError, convert_series
 
-    visits = read_frame(visits_path)
-    nifti_dir = Path(nifti_dir)
-    nifti_dir.mkdir(parents=True, exist_ok=True)
-    nifti_paths: list[str | None] = []
-    todo = visits["status"] == PENDING
-    progress = Progress("convert", int(todo.sum()), log)
-    for index, visit in visits.iterrows():
-        if visit["status"] != PENDING:
-            nifti_paths.append(None)
-            continue
-        target = nifti_dir / f"{visit_file_stem(visit['participant_id'], visit['visit'])}.nii"
+    target = Path(nifti_dir) / f"{visit_file_stem(visit['participant_id'], visit['visit'])}.nii"
+    try:
+        convert_series(list(visit["files"]), target, expected_slices=visit.get("n_slices"))
+        visit["nifti_path"] = str(target)
+    except ConversionError as error:
+        visit.update(status=FAILED, status_reason=f"conversion failed: {error}")
+    return visit
+
+
+def stage_convert(visits_path: Path, nifti_dir: Path, out_visits: Path) -> None:
+    visits = read_rows(visits_path)
+    Path(nifti_dir).mkdir(parents=True, exist_ok=True)
+    todo = [visit for visit in visits if visit["status"] == PENDING]
+    progress = Progress("convert", len(todo), log)
+    for visit in todo:
         try:
-            convert_series(list(visit["files"]), target, expected_slices=int(visit["n_slices"]))
-            nifti_paths.append(str(target))
-        except ConversionError as error:
-            visits.loc[index, ["status", "status_reason"]] = [FAILED, f"conversion failed: {error}"]
-            nifti_paths.append(None)
+            convert_visit(visit, nifti_dir)
         except Exception as error:  # noqa: BLE001 - one visit must never stop the shard
-            visits.loc[index, ["status", "status_reason"]] = [FAILED, _failure_reason("conversion", error)]
-            nifti_paths.append(None)
+            visit.update(status=FAILED, status_reason=_failure_reason("conversion", error))
         progress.step()
-    visits["nifti_path"] = nifti_paths
-    write_frame(visits, out_visits)
+    write_rows(visits, out_visits)
 
 
 # --- infer -----------------------------------------------------------------------
 
+class Inferer:
+    """One engine for a whole shard (or one ``score-scan``): loaded once."""
+
+    def __init__(self, engine_kind: str, settings: dict):
+        from cacflow.inference import CalciumSegmenter
+        from cacflow.model.engines import ModelFiles, create_engine
+
+        self.model = ModelFiles.packaged()
+        self.engine = create_engine(engine_kind, self.model)
+        self.segmenter = CalciumSegmenter(self.engine, threshold_hu=float(settings["scoring"]["threshold_hu"]))
+        log.info("engine %s, model %s (sha256 %s)", self.engine.label, self.model.version, self.model.sha256[:12])
+
+    def provenance(self) -> dict:
+        return {"engine": self.engine.label, "model_version": self.model.version, "model_sha256": self.model.sha256}
+
+    def infer_visit(self, visit: dict, volume, labels_dir: Path) -> dict:
+        import nibabel as nib
+
+        started = time.perf_counter()
+        segmentation = self.segmenter.segment(volume.hu, volume.spacing_mm)
+        target = Path(labels_dir) / f"{visit_file_stem(visit['participant_id'], visit['visit'])}.labels.nii.gz"
+        save_labels_like(segmentation.labels, nib.load(visit["nifti_path"]), target)
+        visit.update(self.provenance(), labels_path=str(target), infer_seconds=time.perf_counter() - started,
+                     n_calcium_candidates=segmentation.n_candidates, n_coronary_candidates=segmentation.n_coronary)
+        return visit
+
+
 def stage_infer(visits_path: Path, engine_kind: str, settings: dict, labels_dir: Path, out_visits: Path) -> None:
-    """One engine for the whole shard; volumes are read ahead on a worker thread
-    while the engine runs, so reading and inference overlap."""
+    """Volumes are read ahead on a worker thread while the engine runs."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import nibabel as nib
-
     from cacflow.convert import load_volume
-    from cacflow.inference import CalciumSegmenter
-    from cacflow.model.engines import ModelFiles, create_engine
 
-    visits = read_frame(visits_path)
-    labels_dir = Path(labels_dir)
-    labels_dir.mkdir(parents=True, exist_ok=True)
-    model = ModelFiles.packaged()
-    engine = create_engine(engine_kind, model)
-    log.info("engine %s, model %s (sha256 %s)", engine.label, model.version, model.sha256[:12])
-    segmenter = CalciumSegmenter(engine, threshold_hu=float(settings["scoring"]["threshold_hu"]))
-    todo = [index for index, status in visits["status"].items() if status == PENDING]
+    visits = read_rows(visits_path)
+    Path(labels_dir).mkdir(parents=True, exist_ok=True)
+    inferer = Inferer(engine_kind, settings)
+    todo = [visit for visit in visits if visit["status"] == PENDING]
     progress = Progress("infer", len(todo), log)
-    visits["labels_path"] = None
-    visits["engine"] = engine.label
-    visits["model_version"] = model.version
-    visits["model_sha256"] = model.sha256
-    visits["infer_seconds"] = np.nan
 
-    def read(index):
+    def read(visit):
         try:
-            return load_volume(visits.at[index, "nifti_path"]), None
-        except Exception as error:  # noqa: BLE001 - recorded per visit
+            return load_volume(visit["nifti_path"], visit.get("slice_thickness_mm")), None
+        except Exception as error:  # noqa: BLE001 - recorded for this visit
             return None, error
 
     with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = [reader.submit(read, index) for index in todo[:2]]
-        for position, index in enumerate(todo):
-            volume, error = pending.pop(0).result()
+        ahead = [reader.submit(read, visit) for visit in todo[:2]]
+        for position, visit in enumerate(todo):
+            volume, error = ahead.pop(0).result()
             if position + 2 < len(todo):
-                pending.append(reader.submit(read, todo[position + 2]))
+                ahead.append(reader.submit(read, todo[position + 2]))
             try:
                 if error is not None:
                     raise error
-                started = time.perf_counter()
-                segmentation = segmenter.segment(volume.hu, volume.spacing_mm)
-                visits.at[index, "infer_seconds"] = time.perf_counter() - started
-                source = nib.load(visits.at[index, "nifti_path"])
-                target = labels_dir / Path(visits.at[index, "nifti_path"]).with_suffix(".nii.gz").name
-                save_labels_like(segmentation.labels, source, target)
-                visits.at[index, "labels_path"] = str(target)
-            except Exception as error:  # noqa: BLE001 - one visit must never stop the shard
-                visits.loc[index, ["status", "status_reason"]] = [FAILED, _failure_reason("inference", error)]
+                inferer.infer_visit(visit, volume, labels_dir)
+            except Exception as failure:  # noqa: BLE001 - one visit must never stop the shard
+                visit.update(status=FAILED, status_reason=_failure_reason("inference", failure))
             progress.step()
-    write_frame(visits, out_visits)
+    write_rows(visits, out_visits)
 
 
 def save_labels_like(labels_zyx: np.ndarray, source_image, target: Path) -> None:
@@ -170,6 +331,228 @@ def save_labels_like(labels_zyx: np.ndarray, source_image, target: Path) -> None
     data = np.ascontiguousarray(labels_zyx.transpose(2, 1, 0)[::-1, ::-1, :], dtype=np.uint8)
     image = nib.Nifti1Image(data, canonical.affine)
     image.header.set_xyzt_units("mm")
-    tmp = target.with_name(f".{target.stem}.tmp.nii.gz")
+    tmp = target.with_name(f".{target.name}.tmp.nii.gz")
     nib.save(image, tmp)
     tmp.replace(target)
+
+
+def load_labels(path: str | Path) -> np.ndarray:
+    from cacflow.convert import load_volume
+
+    return np.rint(load_volume(path).hu).astype(np.uint8)
+
+
+# --- score -----------------------------------------------------------------------
+
+SCAN_SCORE_FIELDS = (
+    "agatston_total", "agatston_lm", "agatston_lad", "agatston_lcx", "agatston_rca", "volume_mm3", "mass_mg",
+    "lesion_count", "risk_category", "cac_drs", "threshold_hu", "kvp_adjusted",
+    "mass_calibration_mg_per_hu_mm3", "mass_calibration_source",
+)
+LESION_FIELDS = (
+    "lesion_id", "vessel", "slice_index", "z_mm", "area_mm2", "peak_hu", "mean_hu", "density_weight",
+    "agatston", "volume_mm3", "mass_mg",
+)
+# Visit columns that are internal to the shard (paths, file lists, timings), not cohort columns.
+_INTERNAL_VISIT_FIELDS = {
+    "files", "nifti_path", "labels_path", "n_slices", "n_series", "n_files_seen", "n_unreadable",
+    "unreadable_summary", "infer_seconds", "n_calcium_candidates", "n_coronary_candidates", "selection_note",
+}
+
+
+def scoring_settings_for(settings: dict, kvp: float | None):
+    """ScoringSettings for one scan: the mass calibration depends on its kVp."""
+    from cacflow.scoring import ScoringSettings
+
+    scoring = settings["scoring"]
+    calibration = next(
+        (entry for entry in scoring["mass_calibration"] if kvp is not None and abs(entry["kvp"] - kvp) < 0.5),
+        None,
+    )
+    return ScoringSettings(
+        threshold_hu=float(scoring["threshold_hu"]),
+        min_area_mm2=float(scoring["min_area_mm2"]),
+        reference_increment_mm=float(scoring["reference_increment_mm"]),
+        kvp_adjusted_thresholds=bool(scoring["kvp_adjusted_thresholds"]),
+        mass_calibration_mg_per_hu_mm3=calibration["mg_per_hu_mm3"] if calibration else None,
+        mass_calibration_source=f"config: {calibration['source']}" if calibration else
+        f"none: no calibration configured for {kvp if kvp is not None else 'unknown'} kVp",
+    )
+
+
+def score_visit(visit: dict, volume, labels: np.ndarray, settings: dict) -> tuple[dict, list[dict]]:
+    """The scans-table row (less provenance) and lesion rows for one scored visit."""
+    from cacflow.scoring import score_volume
+
+    result = score_volume(
+        volume.hu, labels, volume.spacing_mm, scoring_settings_for(settings, visit.get("kvp")),
+        kvp=visit.get("kvp"), slice_thickness_mm=visit.get("slice_thickness_mm"), z_positions_mm=volume.z_positions_mm,
+    )
+    scan = {name: getattr(result, name) for name in SCAN_SCORE_FIELDS}
+    scan.update(
+        status=SCORED,
+        status_reason=_scored_reason(visit),
+        slice_increment_mm=result.slice_increment_mm,
+        min_area_mm2=float(settings["scoring"]["min_area_mm2"]),
+    )
+    lesions = [
+        {"participant_id": visit["participant_id"], "visit": visit["visit"],
+         **{name: getattr(lesion, name) for name in LESION_FIELDS}}
+        for lesion in result.lesions
+    ]
+    return scan, lesions
+
+
+def _scored_reason(visit: dict) -> str | None:
+    """Scored scans still say what a reader should know (non-gated, QC warnings)."""
+    notes = []
+    if visit.get("scan_type") == "nongated":
+        notes.append("scored on non-gated chest CT (no gated series); expect lower agreement with gated scoring")
+    if visit.get("qc_reasons"):
+        notes.append(f"QC warnings: {visit['qc_reasons']}")
+    return "; ".join(notes) or None
+
+
+def scan_row(visit: dict, scores: dict | None, settings_digest: str) -> dict:
+    row = {key: value for key, value in visit.items() if key not in _INTERNAL_VISIT_FIELDS}
+    if scores:
+        row.update(scores)
+    row.update(pipeline_version=__version__, settings_hash=settings_digest,
+               processed_at=datetime.now(timezone.utc))
+    return row
+
+
+def stage_score(visits_path: Path, settings: dict, out_scans: Path, out_lesions: Path) -> None:
+    from cacflow.convert import load_volume
+
+    visits = read_rows(visits_path)
+    digest = settings_hash(settings)
+    progress = Progress("score", sum(v["status"] == PENDING for v in visits), log)
+    scans, lesions = [], []
+    for visit in visits:
+        scores = None
+        if visit["status"] == PENDING:
+            try:
+                volume = load_volume(visit["nifti_path"], visit.get("slice_thickness_mm"))
+                scores, visit_lesions = score_visit(visit, volume, load_labels(visit["labels_path"]), settings)
+                lesions.extend(visit_lesions)
+            except Exception as error:  # noqa: BLE001 - one visit must never stop the shard
+                visit.update(status=FAILED, status_reason=_failure_reason("scoring", error))
+            progress.step()
+        scans.append(scan_row(visit, scores, digest))
+    write_rows(scans, out_scans)
+    write_rows(lesions, out_lesions)
+
+
+# --- aggregate -------------------------------------------------------------------
+
+# discover/QC field -> series-table column, where the names differ.
+SERIES_COLUMN_SOURCES = {
+    "series_instance_uid": "series_uid", "scanner_model": "manufacturer_model",
+    "pixel_spacing_mm": "pixel_spacing_row_mm",
+}
+
+
+def series_table_row(row: dict, shard: str, columns: list[str]) -> dict:
+    out = {column: row.get(SERIES_COLUMN_SOURCES.get(column, column)) for column in columns}
+    out["qc_reasons"] = out.get("qc_reasons") or None
+    out["shard"] = shard
+    return out
+
+
+def _shard_of(path: Path) -> str:
+    # results/shards/<shard>/<stage>/<file>.parquet
+    return Path(path).parent.parent.name
+
+
+def read_reference(paths: list[Path]) -> dict[tuple[str, str], dict]:
+    import csv
+
+    reference = {}
+    for path in paths:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle, delimiter="\t"):
+                reference[(row["participant_id"], row["visit"])] = row
+    return reference
+
+
+def stage_aggregate(scan_paths, lesion_paths, series_paths, reference_paths, withdrawals_path, out_dir,
+                    plan_path: Path | None = None) -> None:
+    from cacflow import tables
+    from cacflow.manifest import read_withdrawals
+    from cacflow.sharding import read_plan_keys
+
+    out_dir = Path(out_dir)
+    withdrawn = read_withdrawals(withdrawals_path)
+    current = read_plan_keys(plan_path) if plan_path else None
+
+    def keep(row: dict) -> bool:
+        key = (row["participant_id"], row["visit"])
+        return row["participant_id"] not in withdrawn and (current is None or key in current)
+
+    scan_columns = set(tables.schema("scans").names)
+    reference = read_reference(reference_paths)
+    scans = []
+    for path in scan_paths:
+        for row in read_rows(path):
+            if not keep(row):
+                continue
+            out = {column: value for column, value in row.items() if column in scan_columns}
+            out["shard"] = _shard_of(path)
+            truth = reference.get((row["participant_id"], row["visit"]))
+            if truth:
+                out["reference_agatston_total"] = float(truth["agatston_total"])
+                out["reference_risk_category"] = truth["risk_category"]
+            scans.append(out)
+    lesions = [row for path in lesion_paths for row in read_rows(path) if keep(row)]
+    series_columns = tables.schema("series").names
+    series = [series_table_row(row, _shard_of(path), series_columns)
+              for path in series_paths for row in read_rows(path) if keep(row)]
+    removed = sorted({row["participant_id"] for path in scan_paths for row in read_rows(path)} & withdrawn)
+    if removed:
+        log.info("withdrawals: %d participants removed from every cohort table", len(removed))
+    tables.write_table("scans", scans, out_dir / "scans.parquet")
+    tables.write_table("lesions", lesions, out_dir / "lesions.parquet")
+    tables.write_table("series", series, out_dir / "series.parquet")
+    _log_summary(scans, reference)
+
+
+def _log_summary(scans: list[dict], reference: dict) -> None:
+    from collections import Counter
+
+    counts = Counter(row["status"] for row in scans)
+    log.info("cohort: %d scans: %s", len(scans), ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    compared = [row for row in scans if row["status"] == SCORED and row.get("reference_risk_category")]
+    if compared:
+        agree = sum(row["risk_category"] == row["reference_risk_category"] for row in compared)
+        log.info("predicted vs reference: risk category agrees on %d of %d scored scans (%.1f %%)",
+                 agree, len(compared), 100.0 * agree / len(compared))
+        for row in sorted(compared, key=lambda r: (r["participant_id"], r["visit"])):
+            log.info("  %s %s: predicted %.1f (%s), reference %.1f (%s)", row["participant_id"], row["visit"],
+                     row["agatston_total"], row["risk_category"], row["reference_agatston_total"],
+                     row["reference_risk_category"])
+
+
+# --- report ----------------------------------------------------------------------
+
+def stage_report(cohort_dir: Path, infer_paths: list[Path], out_html: Path) -> None:
+    from cacflow import report, tables
+    from cacflow.convert import load_volume
+
+    scans = tables.read_parquet(Path(cohort_dir) / "scans.parquet").to_pandas()
+    series = tables.read_parquet(Path(cohort_dir) / "series.parquet").to_pandas()
+    lesions = tables.read_parquet(Path(cohort_dir) / "lesions.parquet").to_pandas()
+    volumes = {(v["participant_id"], v["visit"]): v for path in infer_paths for v in read_rows(path)}
+    overlays = {}
+    for key in report.select_overlay_scans(scans):
+        visit = volumes.get(key, {})
+        if not visit.get("nifti_path") or not visit.get("labels_path"):
+            continue
+        try:
+            volume = load_volume(visit["nifti_path"])
+            labels = load_labels(visit["labels_path"])
+            overlays[key] = [report.overlay_png(volume.hu[z], labels[z]) for z in report.pick_overlay_slices(volume.hu, labels)]
+        except Exception as error:  # noqa: BLE001 - a missing picture must not stop the report
+            log.warning("no overlay for %s %s: %s", key[0], key[1], error)
+    report.render_report(scans, series, lesions, out_html, overlays=overlays,
+                         run_info={"pipeline_version": __version__})

@@ -19,7 +19,7 @@ rule aggregate:
         "results/logs/aggregate.log",
     shell:
         "cacflow stage aggregate --scans {input.scans} --lesions {input.lesions} "
-        "--series {input.series} {params.reference} --withdrawals {params.withdrawals:q} "
+        "--series {input.series} --plan {input.plan} {params.reference} --withdrawals {params.withdrawals:q} "
         "--out-dir results/cohort > {log} 2>&1"
 
 

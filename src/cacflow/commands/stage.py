@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     aggregate.add_argument("--series", nargs="+", required=True, type=Path)
     aggregate.add_argument("--reference", action="append", default=[], type=Path)
     aggregate.add_argument("--withdrawals", default="")
+    aggregate.add_argument("--plan", type=Path, help="plan.tsv: only visits in the current manifest")
     aggregate.add_argument("--out-dir", required=True, type=Path)
 
     dictionary = stages.add_parser("dictionary", help="write the data dictionary")
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         pipeline.stage_score(args.visits, args.settings, args.out_scans, args.out_lesions)
     elif args.stage == "aggregate":
         pipeline.stage_aggregate(args.scans, args.lesions, args.series, args.reference,
-                                 args.withdrawals or None, args.out_dir)
+                                 args.withdrawals or None, args.out_dir, args.plan)
     elif args.stage == "dictionary":
         from cacflow.dictionary import write_data_dictionary
 

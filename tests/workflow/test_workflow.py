@@ -1,0 +1,127 @@
+"""Run the real workflow (Snakemake, dcm2niix, the shipped model) on a tiny
+generated cohort and read the cohort tables back with DuckDB."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    command = SNAKEMAKE + ["-s", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "2", *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    cohort = workdir / "cohort"
+    subprocess.run(
+        [sys.executable, "-m", "cacflow.cli", "synth", str(cohort), "--size", "tiny", "--seed", "7"],
+        check=True, capture_output=True, text=True,
+    )
+    manifest = cohort / "manifest.tsv"
+    result = run_snakemake(workdir, "--config", f"manifest={manifest}")
+    return workdir, manifest, cohort, result
+
+
+def sql(query: str):
+    return duckdb.sql(query).fetchall()
+
+
+def test_one_scan_row_per_manifest_row_with_a_status_and_reason(tiny_run):
+    workdir, manifest, _, _ = tiny_run
+    with open(manifest, newline="") as handle:
+        expected = {(r["participant_id"], r["visit"]) for r in csv.DictReader(handle, delimiter="\t")}
+    scans = workdir / "results/cohort/scans.parquet"
+    rows = sql(f"select participant_id, visit, status, status_reason from read_parquet('{scans}')")
+    assert {(p, v) for p, v, _, _ in rows} == expected
+    assert len(rows) == len(expected)
+    assert all(status in ("scored", "not_scorable", "failed") for _, _, status, _ in rows)
+    assert all(reason for _, _, status, reason in rows if status != "scored")
+
+
+def test_scored_rows_agree_with_the_generated_ground_truth(tiny_run):
+    workdir, _, cohort, _ = tiny_run
+    scans = workdir / "results/cohort/scans.parquet"
+    reference = cohort / "ground_truth" / "reference_scores.tsv"
+    rows = sql(
+        f"""
+        select s.risk_category, r.risk_category
+        from read_parquet('{scans}') s
+        join read_csv('{reference}', delim='\t', header=true, all_varchar=true) r
+          on s.participant_id = r.participant_id and s.visit = r.visit
+        where s.status = 'scored'
+        """
+    )
+    assert rows, "no scored scan to compare"
+    agreement = sum(predicted == truth for predicted, truth in rows) / len(rows)
+    assert agreement >= 0.9, rows
+
+
+def test_lesions_and_scans_are_consistent(tiny_run):
+    workdir, _, _, _ = tiny_run
+    cohort = workdir / "results/cohort"
+    mismatches = sql(
+        f"""
+        select s.participant_id, s.agatston_total, coalesce(sum(l.agatston), 0) as lesion_sum,
+               s.lesion_count, count(l.lesion_id) as n
+        from read_parquet('{cohort}/scans.parquet') s
+        left join read_parquet('{cohort}/lesions.parquet') l using (participant_id, visit)
+        where s.status = 'scored'
+        group by all
+        having abs(s.agatston_total - lesion_sum) > 1e-6 or s.lesion_count != n
+        """
+    )
+    assert mismatches == []
+
+
+def test_every_discovered_series_has_a_qc_status_and_one_chosen_per_scored_visit(tiny_run):
+    workdir, _, _, _ = tiny_run
+    cohort = workdir / "results/cohort"
+    assert sql(f"select count(*) from read_parquet('{cohort}/series.parquet') where qc_status is null") == [(0,)]
+    chosen = sql(
+        f"""
+        select s.participant_id, s.visit, count(*) filter (where se.chosen)
+        from read_parquet('{cohort}/scans.parquet') s
+        join read_parquet('{cohort}/series.parquet') se using (participant_id, visit)
+        where s.status = 'scored' group by all
+        """
+    )
+    assert chosen and all(n == 1 for _, _, n in chosen)
+
+
+def test_report_and_dictionary_are_written(tiny_run):
+    workdir, _, _, _ = tiny_run
+    cohort = workdir / "results/cohort"
+    html = (cohort / "report.html").read_text()
+    assert "<html" in html.lower() and "data:image/png;base64" in html
+    dictionary = (cohort / "data_dictionary.csv").read_text()
+    for column in ("agatston_total", "risk_category", "cac_drs", "qc_reasons", "peak_hu"):
+        assert column in dictionary
+
+
+def test_rerun_with_nothing_new_does_nothing(tiny_run):
+    workdir, manifest, _, _ = tiny_run
+    result = run_snakemake(workdir, "--config", f"manifest={manifest}", "-n")
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_a_bad_config_value_stops_the_run_naming_it(tiny_run):
+    workdir, manifest, _, _ = tiny_run
+    result = run_snakemake(workdir, "--config", f"manifest={manifest}", "engine=gpu", "-n", check=False)
+    assert result.returncode != 0
+    assert "engine" in result.stderr + result.stdout and "'gpu'" in result.stderr + result.stdout
