@@ -15,17 +15,15 @@ Conventions every table follows:
 from __future__ import annotations
 
 import os
-import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from cacflow.atomic import atomic_write
 
 # As written by cacflow.qc: codes and evidence items are short, messages are sentences.
 LIST_SEPARATOR = "; "
@@ -599,41 +597,6 @@ def validate(name: str, table: pa.Table) -> None:
             problems.append(f"{duplicated.num_rows} duplicated key(s) {key}, e.g. {example}")
     if problems:
         raise SchemaError(f"{name}: " + "; ".join(problems))
-
-
-@contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Open a binary handle whose content appears at ``path`` only if the block
-    succeeds: readers see the old file or the complete new one, never a partial
-    one, and a failure leaves no temp file behind (temp file in the same
-    directory, fsync, os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_name = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # Not tempfile.mkstemp: its 0600 mode would hide the tables from the rest of the
-    # study group; 0666 minus the umask gives the permissions of any other output.
-    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        tmp_name.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable on POSIX file systems; not possible on Windows.
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
