@@ -4,6 +4,7 @@ generated cohort and read the cohort tables back with DuckDB."""
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+# The rules call `cacflow`: put this interpreter's environment first on PATH, as an
+# activated virtual environment would.
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     command = SNAKEMAKE + ["-s", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "2", *args]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=workdir, env=ENV)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
@@ -30,7 +34,7 @@ def tiny_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     cohort = workdir / "cohort"
     subprocess.run(
-        [sys.executable, "-m", "cacflow.cli", "synth", str(cohort), "--size", "tiny", "--seed", "7"],
+        [sys.executable, "-m", "cacflow", "synth", str(cohort), "--size", "tiny", "--seed", "7"],
         check=True, capture_output=True, text=True,
     )
     manifest = cohort / "manifest.tsv"

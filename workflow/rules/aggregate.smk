@@ -6,12 +6,13 @@ rule aggregate:
         lesions=per_shard(rules.score.output.lesions),
         series=per_shard(rules.select_series.output.series),
         reference=reference_scores,
+        withdrawals=withdrawals_file,
     output:
         scans="results/cohort/scans.parquet",
         lesions="results/cohort/lesions.parquet",
         series="results/cohort/series.parquet",
     params:
-        withdrawals=config["withdrawals"],
+        withdrawals=lambda wildcards, input: f"--withdrawals {input.withdrawals}" if input.withdrawals else "",
         reference=lambda wildcards, input: " ".join(f"--reference {path}" for path in input.reference),
     conda:
         CONDA_ENV
@@ -19,7 +20,7 @@ rule aggregate:
         "results/logs/aggregate.log",
     shell:
         "cacflow stage aggregate --scans {input.scans} --lesions {input.lesions} "
-        "--series {input.series} --plan {input.plan} {params.reference} --withdrawals {params.withdrawals:q} "
+        "--series {input.series} --plan {input.plan} {params.reference} {params.withdrawals} "
         "--out-dir results/cohort > {log} 2>&1"
 
 

@@ -43,3 +43,8 @@ def per_shard(pattern):
 def reference_scores(wildcards):
     """Ground truth of the demo cohort, so the run reports predicted vs reference."""
     return ["results/demo/ground_truth/reference_scores.tsv"] if config["manifest"] == "demo" else []
+
+
+def withdrawals_file(wildcards):
+    """The withdrawals list, as an input: editing it rebuilds the cohort tables."""
+    return [config["withdrawals"]] if config["withdrawals"] else []

@@ -1,0 +1,5 @@
+import sys
+
+from cacflow.cli import main
+
+sys.exit(main())

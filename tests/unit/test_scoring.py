@@ -1,0 +1,509 @@
+"""Agatston / volume / mass scoring: hand-computed cases, properties, NIfTI I/O and the CLI.
+
+Expected values are worked out in each test from the definitions in docs/scoring.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from scipy import ndimage
+
+from cacflow import VESSEL_LABELS, cli
+from cacflow.nifti_io import load_nifti, save_nifti
+from cacflow.scoring import (
+    ScoringSettings,
+    cac_drs,
+    density_weight,
+    kvp_adjusted_levels,
+    risk_category,
+    score,
+    score_volume,
+)
+from cacflow.volume import Volume
+
+LM, LAD, LCX, RCA = 1, 2, 3, 4
+PIXEL = 0.5  # mm: pixel area 0.25 mm^2, so 4 pixels make the 1 mm^2 minimum area
+SPACING = (3.0, PIXEL, PIXEL)
+
+
+def blank(nz=3, ny=16, nx=16, vessel=LAD):
+    """Soft-tissue volume whose every voxel lies in one vessel label."""
+    return np.full((nz, ny, nx), 40.0, dtype=np.float32), np.full((nz, ny, nx), vessel, dtype=np.int16)
+
+
+# --- hand-computed fixtures --------------------------------------------------------
+
+
+def test_three_by_three_block_of_400_hu():
+    hu, labels = blank()
+    hu[1, 4:7, 4:7] = 400
+    result = score_volume(hu, labels, SPACING)
+    area = 9 * PIXEL * PIXEL  # 2.25 mm^2
+    assert result.agatston_total == pytest.approx(area * 4)  # weight 4, 3 mm increment: 9.0
+    assert result.agatston_total == pytest.approx(9.0)
+    assert result.agatston_lad == pytest.approx(9.0)
+    assert result.volume_mm3 == pytest.approx(area * 3.0)
+    assert result.lesion_count == 1
+    lesion = result.lesions[0]
+    assert (lesion.vessel, lesion.slice_index, lesion.density_weight, lesion.voxel_count) == ("lad", 1, 4, 9)
+    assert lesion.peak_hu == 400 and lesion.mean_hu == 400
+    assert result.mass_mg is None and lesion.mass_mg is None
+
+
+def test_weight_comes_from_the_peak_not_the_mean():
+    hu, labels = blank()
+    hu[0, 2:5, 2:5] = 150
+    hu[0, 3, 3] = 250  # peak 250 -> weight 2, although the mean is 161
+    result = score_volume(hu, labels, SPACING)
+    assert result.lesions[0].density_weight == 2
+    assert result.agatston_total == pytest.approx(9 * 0.25 * 2)
+
+
+def test_diagonal_neighbours_are_one_lesion():
+    hu, labels = blank()
+    for i in range(4):  # four pixels touching only at corners: 1.0 mm^2 with 8-connectivity
+        hu[0, 3 + i, 3 + i] = 300
+    result = score_volume(hu, labels, SPACING)
+    assert result.lesion_count == 1
+    assert result.agatston_total == pytest.approx(4 * 0.25 * 3)
+
+
+def test_minimum_area_drops_smaller_components_and_keeps_exactly_one_mm2():
+    hu, labels = blank()
+    hu[0, 2, 2:5] = 500  # 3 pixels = 0.75 mm^2: dropped
+    hu[1, 2, 2:6] = 500  # 4 pixels = 1.00 mm^2: kept
+    result = score_volume(hu, labels, SPACING)
+    assert [lesion.slice_index for lesion in result.lesions] == [1]
+    assert result.agatston_total == pytest.approx(1.0 * 4)
+    looser = score_volume(hu, labels, SPACING, ScoringSettings(min_area_mm2=0.5))
+    assert looser.agatston_total == pytest.approx((0.75 + 1.0) * 4)
+
+
+def test_lesion_on_a_vessel_boundary_goes_to_the_majority_vessel():
+    hu, labels = blank(vessel=0)
+    hu[0, 4:7, 4:8] = 300  # 12 pixels
+    labels[0, 4:7, 4:6] = RCA  # 6 pixels
+    labels[0, 4:7, 6:7] = LAD  # 3 pixels
+    labels[0, 4:7, 7:8] = RCA  # 3 more: RCA holds 9 of 12
+    result = score_volume(hu, labels, SPACING)
+    assert result.lesion_count == 1
+    assert result.lesions[0].vessel == "rca"
+    assert result.agatston_rca == pytest.approx(12 * 0.25 * 3) and result.agatston_lad == 0
+
+
+def test_a_tie_between_vessels_goes_to_the_lower_label():
+    hu, labels = blank(vessel=0)
+    hu[0, 4:6, 4:8] = 300
+    labels[0, 4:6, 4:6] = LCX
+    labels[0, 4:6, 6:8] = LAD
+    assert score_volume(hu, labels, SPACING).lesions[0].vessel == "lad"
+
+
+def test_calcium_outside_the_coronary_labels_is_ignored():
+    hu, labels = blank(vessel=0)
+    hu[0, 2:5, 2:5] = 600
+    labels[0, 2:5, 2:5] = 5  # not a coronary label value (e.g. "other calcium")
+    hu[1, 2:5, 2:5] = 600  # label 0
+    assert score_volume(hu, labels, SPACING).agatston_total == 0
+
+
+def test_a_lesion_only_counts_voxels_inside_the_labels():
+    hu, labels = blank(vessel=0)
+    hu[0, 4:7, 4:7] = 400
+    labels[0, 4:7, 4:6] = LM  # the third column of the block is outside every vessel
+    result = score_volume(hu, labels, SPACING)
+    assert result.lesions[0].voxel_count == 6
+    assert result.agatston_lm == pytest.approx(6 * 0.25 * 4)
+
+
+def test_lesions_do_not_connect_across_slices():
+    hu, labels = blank()
+    hu[0:2, 4:7, 4:7] = 400
+    result = score_volume(hu, labels, SPACING)
+    assert result.lesion_count == 2
+    assert result.agatston_total == pytest.approx(2 * 9.0)
+
+
+def test_increment_of_1_5_mm_halves_the_score_and_the_volume():
+    hu, labels = blank()
+    hu[1, 4:7, 4:7] = 400
+    result = score_volume(hu, labels, (1.5, PIXEL, PIXEL))
+    assert result.increment_scale == pytest.approx(0.5)
+    assert result.agatston_total == pytest.approx(4.5)
+    assert result.volume_mm3 == pytest.approx(9 * 0.25 * 1.5)
+
+
+def test_thickness_is_recorded_but_the_increment_decides():
+    hu, labels = blank()
+    hu[1, 4:7, 4:7] = 400
+    overlapping = score_volume(hu, labels, (1.5, PIXEL, PIXEL), slice_thickness_mm=3.0)
+    assert overlapping.slice_thickness_mm == 3.0 and overlapping.slice_increment_mm == 1.5
+    assert overlapping.agatston_total == pytest.approx(4.5)
+
+
+def test_lesion_ids_follow_slice_then_vessel_then_position():
+    hu, labels = blank(nz=2, vessel=0)
+    labels[:, :, :8] = RCA
+    labels[:, :, 8:] = LM
+    for z, y, x in [(1, 2, 2), (0, 10, 2), (0, 2, 10), (0, 10, 10), (0, 2, 2)]:
+        hu[z, y : y + 2, x : x + 2] = 300
+    result = score_volume(hu, labels, SPACING, z_positions_mm=np.array([100.0, 103.0]))
+    order = [(lesion.slice_index, lesion.vessel, lesion.lesion_id) for lesion in result.lesions]
+    assert order == [(0, "lm", 1), (0, "lm", 2), (0, "rca", 3), (0, "rca", 4), (1, "rca", 5)]
+    first_lm = result.lesions[0]
+    assert first_lm.voxel_count == 4 and first_lm.z_mm == 100.0
+    assert result.lesions[-1].z_mm == 103.0
+    ids_lm = [(lesion.lesion_id, lesion.area_mm2) for lesion in result.lesions if lesion.vessel == "lm"]
+    assert ids_lm == [(1, 1.0), (2, 1.0)]
+
+
+def test_z_mm_defaults_to_index_times_increment():
+    hu, labels = blank()
+    hu[2, 4:7, 4:7] = 400
+    assert score_volume(hu, labels, (2.5, PIXEL, PIXEL)).lesions[0].z_mm == pytest.approx(5.0)
+
+
+def test_mass_with_a_given_calibration():
+    hu, labels = blank()
+    hu[1, 4:7, 4:7] = 400
+    volume = 9 * 0.25 * 3.0
+    plain = ScoringSettings(mass_calibration_mg_per_hu_mm3=0.001, mass_calibration_source="cli")
+    result = score_volume(hu, labels, SPACING, plain)
+    assert result.mass_mg == pytest.approx(0.001 * 400 * volume)
+    assert result.lesions[0].mass_mg == pytest.approx(0.001 * 400 * volume)
+    assert result.mass_calibration_source == "cli" and result.mass_calibration_mg_per_hu_mm3 == 0.001
+    water = ScoringSettings(mass_calibration_mg_per_hu_mm3=0.001, mass_calibration_water_hu=30.0)
+    assert score_volume(hu, labels, SPACING, water).mass_mg == pytest.approx(0.001 * (400 - 30) * volume)
+
+
+def test_mass_uses_each_lesions_own_mean():
+    hu, labels = blank()
+    hu[0, 2:4, 2:4] = 200  # 1 mm^2 at 200 HU
+    hu[1, 2:4, 2:6] = 500  # 2 mm^2 at 500 HU
+    c = 0.0007
+    result = score_volume(hu, labels, SPACING, ScoringSettings(mass_calibration_mg_per_hu_mm3=c))
+    assert result.mass_mg == pytest.approx(c * (200 * 1.0 * 3 + 500 * 2.0 * 3))
+
+
+def test_an_empty_scan():
+    hu, labels = blank()
+    result = score_volume(hu, labels, SPACING, ScoringSettings(mass_calibration_mg_per_hu_mm3=0.001))
+    assert (result.agatston_total, result.volume_mm3, result.mass_mg, result.lesion_count) == (0, 0, 0, 0)
+    assert (result.risk_category, result.cac_drs, result.lesions) == ("0", "A0", [])
+
+
+def test_settings_and_geometry_are_recorded():
+    hu, labels = blank()
+    result = score_volume(hu, labels, (2.0, 0.4, 0.45), ScoringSettings(min_area_mm2=2.0), kvp=100)
+    assert result.threshold_hu == 130 and result.kvp_adjusted is False and result.kvp == 100
+    assert result.min_area_mm2 == 2.0 and result.slice_increment_mm == 2.0
+    assert result.increment_scale == pytest.approx(2 / 3)
+
+
+def test_to_dict_is_json_ready():
+    hu, labels = blank()
+    hu[1, 4:7, 4:7] = 400
+    result = score_volume(hu, labels, SPACING, ScoringSettings(mass_calibration_mg_per_hu_mm3=0.001))
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["agatston_total"] == 9.0 and data["lesions"][0]["vessel"] == "lad"
+    assert "lesions" in data and data["lesions"][0]["lesion_id"] == 1
+
+
+def test_score_wraps_a_volume():
+    hu, labels = blank()
+    hu[1, 4:7, 4:7] = 400
+    volume = Volume(hu=hu, spacing_mm=SPACING, slice_thickness_mm=3.0, z_positions_mm=np.array([7.0, 10.0, 13.0]))
+    result = score(volume, labels)
+    assert result.agatston_total == pytest.approx(9.0)
+    assert result.lesions[0].z_mm == 10.0 and result.slice_thickness_mm == 3.0
+
+
+def test_mismatched_shapes_are_rejected():
+    hu, labels = blank()
+    with pytest.raises(ValueError, match="shape"):
+        score_volume(hu, labels[:, :-1], SPACING)
+
+
+# --- density weights and kVp adjustment ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "peak, weight",
+    [(129.9, 0), (130, 1), (199.9, 1), (200, 2), (299.9, 2), (300, 3), (399.9, 3), (400, 4), (2000, 4)],
+)
+def test_standard_density_weights(peak, weight):
+    assert density_weight(peak) == weight
+    assert density_weight(peak, kvp=80) == weight  # kVp is ignored unless adjustment is asked for
+
+
+@pytest.mark.parametrize(
+    "kvp, peak, weight",
+    [
+        (120, 130, 1), (120, 199.9, 1), (120, 200, 2), (120, 400, 4),  # same as the standard
+        (100, 144.9, 0), (100, 145, 1), (100, 222, 1), (100, 223, 2), (100, 334, 2),
+        (100, 335, 3), (100, 446, 3), (100, 447, 4),
+        (70, 206, 0), (70, 207, 1), (70, 637, 4), (70, 636, 3),
+        (135, 119, 1), (135, 365, 4),
+    ],
+)
+def test_kvp_adjusted_weights_at_tabulated_voltages(kvp, peak, weight):
+    assert density_weight(peak, kvp=kvp, adjusted=True) == weight
+
+
+def test_kvp_levels_interpolate_between_and_clamp_outside_the_table():
+    # 90 kVp lies halfway between 80 (177/271/408/544) and 100 (145/222/334/446).
+    threshold, cutoffs = kvp_adjusted_levels(90)
+    assert threshold == pytest.approx((177 + 145) / 2)
+    assert cutoffs == pytest.approx(((271 + 222) / 2 + 1, (408 + 334) / 2 + 1, (544 + 446) / 2 + 1))
+    assert kvp_adjusted_levels(140) == kvp_adjusted_levels(135)
+    assert kvp_adjusted_levels(60) == kvp_adjusted_levels(70)
+    assert kvp_adjusted_levels(120) == (130, (200, 300, 400))
+
+
+def test_kvp_adjusted_scoring_changes_threshold_and_weights_and_records_it():
+    hu, labels = blank()
+    hu[0, 2:5, 2:5] = 140  # above 130 but below the 145 HU threshold at 100 kVp
+    hu[1, 2:5, 2:5] = 220  # weight 2 at 120 kVp, weight 1 at 100 kVp (cut-off 222)
+    adjusted = ScoringSettings(kvp_adjusted_thresholds=True)
+    at_100 = score_volume(hu, labels, SPACING, adjusted, kvp=100)
+    assert (at_100.threshold_hu, at_100.kvp_adjusted, at_100.kvp) == (145, True, 100)
+    assert at_100.lesion_count == 1 and at_100.agatston_total == pytest.approx(9 * 0.25 * 1)
+    standard = score_volume(hu, labels, SPACING, kvp=100)
+    assert (standard.threshold_hu, standard.kvp_adjusted) == (130, False)
+    assert standard.agatston_total == pytest.approx(9 * 0.25 * (1 + 2))
+    no_kvp = score_volume(hu, labels, SPACING, adjusted)
+    assert (no_kvp.threshold_hu, no_kvp.kvp_adjusted) == (130, False)
+
+
+def test_a_custom_threshold_below_130_adds_volume_but_no_agatston():
+    hu, labels = blank()
+    hu[0, 2:5, 2:5] = 120
+    result = score_volume(hu, labels, SPACING, ScoringSettings(threshold_hu=100))
+    assert result.lesion_count == 1 and result.lesions[0].density_weight == 0
+    assert result.agatston_total == 0 and result.volume_mm3 == pytest.approx(9 * 0.25 * 3)
+
+
+# --- categories ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "total, category",
+    [(0, "0"), (0.1, "1-10"), (1, "1-10"), (10, "1-10"), (10.01, "11-100"), (10.5, "11-100"),
+     (100, "11-100"), (100.5, "101-400"), (400, "101-400"), (400.01, ">400"), (5000, ">400")],
+)
+def test_risk_category_boundaries(total, category):
+    assert risk_category(total) == category
+
+
+@pytest.mark.parametrize(
+    "total, vessels, grade",
+    [(0, 0, "A0"), (0.5, 1, "A1/N1"), (99.99, 2, "A1/N2"), (100, 3, "A2/N3"), (299.99, 1, "A2/N1"),
+     (300, 4, "A3/N4"), (400, 2, "A3/N2")],
+)
+def test_cac_drs_boundaries(total, vessels, grade):
+    assert cac_drs(total, vessels) == grade
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan")])
+def test_categories_reject_impossible_scores(bad):
+    with pytest.raises(ValueError):
+        risk_category(bad)
+    with pytest.raises(ValueError):
+        cac_drs(bad, 1)
+
+
+def test_cac_drs_counts_vessels_with_calcium():
+    hu, labels = blank(vessel=0)
+    labels[0, :, :8], labels[0, :, 8:] = LAD, RCA
+    hu[0, 2:12, 1:7] = 450  # LAD: 60 px = 15 mm^2 -> 60
+    hu[0, 2:12, 9:15] = 450  # RCA: 60
+    result = score_volume(hu, labels, SPACING)
+    assert result.agatston_total == pytest.approx(120)
+    assert (result.risk_category, result.cac_drs) == ("101-400", "A2/N2")
+
+
+# --- properties -----------------------------------------------------------------------
+
+BOX = st.tuples(
+    st.integers(0, 2),  # z
+    st.integers(2, 9), st.integers(2, 9),  # y, x
+    st.integers(1, 4), st.integers(1, 4),  # height, width
+    st.floats(130, 900),  # HU
+)
+LABEL_BOX = st.tuples(st.integers(0, 2), st.integers(2, 9), st.integers(2, 9), st.integers(1, 6),
+                      st.integers(1, 6), st.integers(1, 5))
+
+
+@st.composite
+def scans(draw):
+    """A 3 x 16 x 16 scan with calcium boxes and vessel-label boxes, with a free border."""
+    hu = np.full((3, 16, 16), 30.0, dtype=np.float32)
+    labels = np.zeros((3, 16, 16), dtype=np.int16)
+    for z, y, x, h, w, value in draw(st.lists(LABEL_BOX, max_size=5)):
+        labels[z, y : y + h, x : x + w] = value
+    for z, y, x, h, w, value in draw(st.lists(BOX, max_size=6)):
+        hu[z, y : y + h, x : x + w] = value
+    labels[draw(st.integers(0, 2))] = draw(st.integers(1, 4))  # some slice always inside a vessel
+    return hu, labels
+
+
+def summary(result):
+    return (round(result.agatston_total, 6), round(result.volume_mm3, 6), result.lesion_count)
+
+
+def reference_agatston(hu, labels, pixel_mm, increment, min_area=1.0):
+    """Slice-by-slice loop over components, written independently of score_volume."""
+    total = 0.0
+    for z in range(hu.shape[0]):
+        mask = (hu[z] >= 130) & (labels[z] >= 1) & (labels[z] <= 4)
+        components, n = ndimage.label(mask, structure=np.ones((3, 3)))
+        for k in range(1, n + 1):
+            pixels = components == k
+            area = pixels.sum() * pixel_mm * pixel_mm
+            if area < min_area:
+                continue
+            peak = hu[z][pixels].max()
+            weight = 4 if peak >= 400 else 3 if peak >= 300 else 2 if peak >= 200 else 1
+            total += area * weight * increment / 3.0
+    return total
+
+
+@settings(max_examples=60, deadline=None)
+@given(scans())
+def test_matches_an_independent_per_slice_implementation(scan):
+    hu, labels = scan
+    assert score_volume(hu, labels, SPACING).agatston_total == pytest.approx(
+        reference_agatston(hu, labels, PIXEL, 3.0)
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(scans(), st.integers(-2, 2), st.integers(-2, 2), st.integers(0, 2))
+def test_translation_invariance(scan, dy, dx, dz):
+    hu, labels = scan
+    padded_hu = np.pad(hu, ((0, 2), (0, 0), (0, 0)), constant_values=30.0)
+    padded_labels = np.pad(labels, ((0, 2), (0, 0), (0, 0)))
+    moved_hu = np.roll(padded_hu, (dz, dy, dx), axis=(0, 1, 2))  # the 2-pixel border keeps content inside
+    moved_labels = np.roll(padded_labels, (dz, dy, dx), axis=(0, 1, 2))
+    assert summary(score_volume(moved_hu, moved_labels, SPACING)) == summary(score_volume(hu, labels, SPACING))
+
+
+@settings(max_examples=40, deadline=None)
+@given(scans(), st.integers(0, 2**32 - 1))
+def test_sub_threshold_noise_changes_nothing(scan, seed):
+    hu, labels = scan
+    noisy = hu.copy()
+    below = noisy < 130
+    noisy[below] = np.random.default_rng(seed).uniform(-1000, 129.99, size=int(below.sum()))
+    assert score_volume(noisy, labels, SPACING).to_dict() == score_volume(hu, labels, SPACING).to_dict()
+
+
+@settings(max_examples=40, deadline=None)
+@given(scans())
+def test_half_increment_with_twice_the_slices_keeps_the_score(scan):
+    hu, labels = scan
+    fine = score_volume(np.repeat(hu, 2, axis=0), np.repeat(labels, 2, axis=0), (1.5, PIXEL, PIXEL))
+    coarse = score_volume(hu, labels, SPACING)
+    assert fine.agatston_total == pytest.approx(coarse.agatston_total, rel=1e-9, abs=1e-9)
+    assert fine.volume_mm3 == pytest.approx(coarse.volume_mm3, rel=1e-9, abs=1e-9)
+    assert fine.lesion_count == 2 * coarse.lesion_count
+
+
+@settings(max_examples=40, deadline=None)
+@given(scans(), st.permutations([1, 2, 3, 4]))
+def test_relabelling_vessels_keeps_totals(scan, permutation):
+    hu, labels = scan
+    mapping = np.array([0, *permutation, 5])
+    relabelled = score_volume(hu, mapping[labels], SPACING)
+    original = score_volume(hu, labels, SPACING)
+    assert summary(relabelled) == summary(original)
+    def shapes(result):
+        return sorted((lesion.slice_index, lesion.voxel_count, lesion.peak_hu) for lesion in result.lesions)
+
+    assert shapes(relabelled) == shapes(original)
+
+
+@settings(max_examples=30, deadline=None)
+@given(scans())
+def test_mirroring_the_image_keeps_totals(scan):
+    hu, labels = scan
+    assert summary(score_volume(hu[:, :, ::-1], labels[:, :, ::-1], SPACING)) == summary(
+        score_volume(hu, labels, SPACING)
+    )
+
+
+def test_a_clinical_size_volume_scores_in_well_under_half_a_second():
+    rng = np.random.default_rng(1)
+    hu = rng.normal(40, 20, (60, 512, 512)).astype(np.float32)
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    labels[:, 150:350, 150:350] = rng.integers(1, 5, size=(60, 1, 1), dtype=np.uint8)
+    for _ in range(300):
+        z, y, x = rng.integers(0, 60), rng.integers(150, 340), rng.integers(150, 340)
+        hu[z, y : y + 5, x : x + 5] = rng.uniform(130, 900)
+    best = min(_timed(score_volume, hu, labels, (3.0, 0.4, 0.4)) for _ in range(3))
+    assert best < 0.5
+
+
+def _timed(function, *args):
+    start = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - start
+
+
+# --- NIfTI I/O and the agatston command -------------------------------------------------
+
+
+def test_nifti_save_load_round_trip(tmp_path):
+    array = np.random.default_rng(2).normal(0, 100, (4, 5, 6)).astype(np.float32)
+    z = 534.875 + 2.5 * np.arange(4)
+    save_nifti(array, (2.5, 0.488, 0.5), tmp_path / "ct.nii.gz", z_positions_mm=z)
+    volume = load_nifti(tmp_path / "ct.nii.gz")
+    np.testing.assert_array_equal(volume.hu, array)
+    assert volume.spacing_mm == (2.5, 0.488, 0.5)
+    np.testing.assert_allclose(volume.z_positions_mm, z)
+
+
+def test_nifti_load_reorients_ras_data_and_applies_the_scaling(tmp_path):
+    stored = np.zeros((6, 5, 4), dtype=np.int16)  # RAS+ index order (x, y, z)
+    stored[0, 0, 0] = 700  # most left, most posterior, most inferior voxel
+    image = nib.Nifti1Image(stored, np.diag([0.7, 0.6, 3.0, 1.0]))
+    image.header.set_slope_inter(2.0, -1024.0)
+    nib.save(image, tmp_path / "ras.nii")
+    volume = load_nifti(tmp_path / "ras.nii")
+    assert volume.hu.shape == (4, 5, 6) and volume.spacing_mm == (3.0, 0.6, 0.7)
+    # Canonical x grows towards the patient's left, y towards posterior: the last column and row.
+    assert volume.hu[0, 4, 5] == 2 * 700 - 1024
+    assert volume.hu[1, 0, 0] == -1024
+
+
+def test_agatston_command_prints_scores_settings_and_lesions(tmp_path, capsys):
+    hu, labels = blank()
+    hu[1, 4:7, 4:7] = 400
+    save_nifti(hu, SPACING, tmp_path / "ct.nii.gz")
+    save_nifti(labels, SPACING, tmp_path / "labels.nii.gz")
+    code = cli.main(["agatston", "--ct", str(tmp_path / "ct.nii.gz"), "--labels", str(tmp_path / "labels.nii.gz"),
+                     "--mass-calibration", "0.001", "--kvp", "120"])
+    output = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert output["agatston_total"] == pytest.approx(9.0) and output["agatston_lad"] == pytest.approx(9.0)
+    assert output["mass_mg"] == pytest.approx(0.001 * 400 * 6.75)
+    assert output["mass_calibration_source"] == "cli" and output["kvp"] == 120
+    assert output["risk_category"] == "1-10" and output["cac_drs"] == "A1/N1"
+    assert output["threshold_hu"] == 130 and output["min_area_mm2"] == 1.0
+    assert [lesion["vessel"] for lesion in output["lesions"]] == ["lad"]
+    assert set(VESSEL_LABELS.values()) <= {key.removeprefix("agatston_") for key in output}
+
+
+def test_agatston_command_rejects_label_volumes_of_another_shape(tmp_path, capsys):
+    hu, labels = blank()
+    save_nifti(hu, SPACING, tmp_path / "ct.nii.gz")
+    save_nifti(labels[:, :-2], SPACING, tmp_path / "labels.nii.gz")
+    code = cli.main(["agatston", "--ct", str(tmp_path / "ct.nii.gz"), "--labels", str(tmp_path / "labels.nii.gz")])
+    assert code == 2
+    assert "differs from CT shape" in capsys.readouterr().err
