@@ -18,11 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 
 from cacflow.volume import Volume
 
 DCM2NIIX_TIMEOUT_S = 600
+
+
+def dcm2niix_binary() -> str:
+    """The dcm2niix shipped by the pinned ``dcm2niix`` wheel (a known version),
+    whether or not the environment's bin folder is on PATH."""
+    import dcm2niix
+
+    return dcm2niix.bin
 # Offsets of the free-text fields in a NIfTI-1 header (see nifti1.h).
 _DESCRIP = (148, 80)
 _AUX_FILE = (228, 24)
@@ -42,7 +49,7 @@ class Conversion:
 
 
 def dcm2niix_version() -> str:
-    result = subprocess.run(["dcm2niix", "--version"], capture_output=True, text=True)
+    result = subprocess.run([dcm2niix_binary(), "--version"], capture_output=True, text=True)
     text = (result.stdout + result.stderr).strip().splitlines()
     return text[-1] if text else "unknown"
 
@@ -59,7 +66,7 @@ def convert_series(files: list[str], out_path: Path, expected_slices: int | None
         for index, file in enumerate(files):
             os.symlink(os.path.abspath(file), source / f"{index:06d}.dcm")
         command = [
-            "dcm2niix", "-g", "i", "-b", "n", "-z", "n", "-x", "n", "-l", "o", "-v", "0",
+            dcm2niix_binary(), "-g", "i", "-b", "n", "-z", "n", "-x", "n", "-l", "o", "-v", "0",
             "-f", "volume", "-o", str(target), str(source),
         ]  # fmt: skip
         try:

@@ -29,17 +29,40 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.C
     return result
 
 
+# Distinctive values planted in every patient, study, institution and operator tag
+# the generator writes; none may appear in any output.
+PLANTED = {
+    "PatientName": "ZQXLEAK^NAMEONE",
+    "PatientID": "ZQXLEAKPID{participant}",
+    "PatientBirthDate": "19230517",
+    "AccessionNumber": "ZQXACC{visit}",
+    "InstitutionName": "ZQXLEAK INSTITUTE",
+    "InstitutionAddress": "ZQXLEAK STREET 9",
+    "ReferringPhysicianName": "ZQXLEAK^REFERRER",
+    "OperatorsName": "ZQXLEAK^OPERATOR",
+    "StudyID": "ZQXSTUDY",
+}
+PLANTED_MARKERS = ("ZQXLEAK", "ZQXACC", "ZQXSTUDY", "19230517")
+INPUTS_BEFORE: dict = {}  # input file -> (mtime, sha256) before the run
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    from cacflow.synth.cohort import generate_cohort
+
     workdir = tmp_path_factory.mktemp("run")
     cohort = workdir / "cohort"
-    subprocess.run(
-        [sys.executable, "-m", "cacflow", "synth", str(cohort), "--size", "tiny", "--seed", "7"],
-        check=True, capture_output=True, text=True,
-    )
-    manifest = cohort / "manifest.tsv"
+    manifest = generate_cohort(cohort, seed=7, size="tiny", planted_identifiers=PLANTED)
+    INPUTS_BEFORE.update(input_fingerprint(cohort / "dicom"))
     result = run_snakemake(workdir, "--config", f"manifest={manifest}")
     return workdir, manifest, cohort, result
+
+
+def input_fingerprint(root: Path) -> dict:
+    import hashlib
+
+    return {str(p): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def sql(query: str):
@@ -129,3 +152,28 @@ def test_a_bad_config_value_stops_the_run_naming_it(tiny_run):
     result = run_snakemake(workdir, "--config", f"manifest={manifest}", "engine=gpu", "-n", check=False)
     assert result.returncode != 0
     assert "engine" in result.stderr + result.stdout and "'gpu'" in result.stderr + result.stdout
+
+
+def test_planted_identifiers_are_in_the_input_and_in_no_output(tiny_run):
+    import gzip
+
+    import pydicom
+
+    workdir, _, cohort, _ = tiny_run
+    sample = next(p for p in (cohort / "dicom").rglob("*") if p.is_file())
+    assert str(pydicom.dcmread(sample, stop_before_pixels=True).PatientName) == PLANTED["PatientName"]
+    outputs = [p for p in (workdir / "results").rglob("*") if p.is_file()]
+    outputs += [p for p in (workdir / ".snakemake" / "log").rglob("*") if p.is_file()]
+    assert len(outputs) > 10
+    hits = []
+    for path in outputs:
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+        hits += [(str(path), marker) for marker in PLANTED_MARKERS if marker.encode() in data]
+    assert hits == []
+
+
+def test_inputs_are_only_read(tiny_run):
+    _, _, cohort, _ = tiny_run
+    assert INPUTS_BEFORE and input_fingerprint(cohort / "dicom") == INPUTS_BEFORE

@@ -61,9 +61,13 @@ def score_scan(dicom_dir, config: dict, engine: str = "auto", participant_id=Non
             volume = load_volume(state["nifti_path"], state.get("slice_thickness_mm"))
             inferer.infer_visit(state, volume, work)
             scores, lesions = pipeline.score_visit(state, volume, pipeline.load_labels(state["labels_path"]), config)
+    from cacflow import tables
+
     row = pipeline.scan_row(state, scores, digest)
-    row["participant_id"] = participant_id
-    row["visit"] = visit
+    row.update(participant_id=participant_id, visit=visit)
+    # Every scans.parquet column, null where it does not apply (cohort-only columns left out).
+    cohort_only = {"shard", "reference_agatston_total", "reference_risk_category"}
+    row = {name: row.get(name) for name in tables.schema("scans").names if name not in cohort_only}
     row["lesions"] = [{k: v for k, v in lesion.items() if k not in ("participant_id", "visit")} for lesion in lesions]
     return row
 

@@ -1,0 +1,68 @@
+"""``cacflow score-scan``: one visit folder in, one JSON object out, as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cacflow import tables
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_cohort(tmp_path_factory):
+    from cacflow.synth.cohort import generate_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    manifest = generate_cohort(out, seed=11, size="tiny")
+    with open(out / "ground_truth" / "reference_scores.tsv", newline="") as handle:
+        reference = {row["participant_id"]: row for row in csv.DictReader(handle, delimiter="\t")}
+    with open(manifest, newline="") as handle:
+        folders = {row["participant_id"]: row["dicom_dir"] for row in csv.DictReader(handle, delimiter="\t")}
+    return folders, reference
+
+
+def score_scan(*args: str) -> dict:
+    result = subprocess.run([sys.executable, "-m", "cacflow", "score-scan", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_prints_every_scans_column_and_the_known_category(tiny_cohort):
+    folders, reference = tiny_cohort
+    scored = [pid for pid, row in reference.items() if row["expected_status"] == "scored"]
+    pid = max(scored, key=lambda p: float(reference[p]["agatston_total"] or 0))
+    result = score_scan(folders[pid], "--engine", "onnxruntime", "--lesions")
+    contract = set(tables.schema("scans").names) - {"shard", "reference_agatston_total", "reference_risk_category"}
+    assert contract <= set(result), contract - set(result)
+    assert result["participant_id"] is None and result["status"] == "scored"
+    assert result["engine"] == "onnxruntime-cpu-fp32"
+    assert result["risk_category"] == reference[pid]["risk_category"]
+    assert abs(sum(lesion["agatston"] for lesion in result["lesions"]) - result["agatston_total"]) < 1e-6
+
+
+def test_a_visit_without_a_scorable_series_says_why(tiny_cohort):
+    folders, reference = tiny_cohort
+    pid = next(p for p, row in reference.items() if row["expected_status"] == "not_scorable")
+    result = score_scan(folders[pid], "--participant-id", pid)
+    assert result["participant_id"] == pid
+    assert result["status"] == "not_scorable" and result["status_reason"]
+    assert result["agatston_total"] is None
+
+
+def test_a_missing_folder_is_reported_not_crashed(tmp_path):
+    result = score_scan(str(tmp_path / "nowhere"))
+    assert result["status"] == "not_scorable"
+    assert "does not exist" in result["status_reason"]
+
+
+def test_the_real_phantom_scan_runs_end_to_end(phantom_dir):
+    result = score_scan(str(phantom_dir))
+    assert result["status"] in ("scored", "not_scorable")
+    assert result["manufacturer"] and "TOSHIBA" in result["manufacturer"].upper() or result["status"] != "scored"
+    assert result["kvp"] == 120 or result["status"] != "scored"
