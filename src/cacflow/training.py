@@ -38,9 +38,9 @@ class TrainingConfig:
     model_dir: str
     seed: int = 20261126
     n_volumes: int = 160
-    steps: int = 3000
-    batch_size: int = 12
-    crop: int = 128
+    steps: int = 2500
+    batch_size: int = 8
+    crop: int = 96  # 144 mm at 1.5 mm: enough context to tell the arteries apart
     learning_rate: float = 2e-3
     widths: tuple[int, ...] = (16, 24, 32, 48, 64)
     # Calcium pixels of vessels are rare next to bone: weight them up, but not so
@@ -66,6 +66,7 @@ def randomised_phantom_settings(rng: np.random.Generator):
     increment = thickness if rng.random() < 0.8 else thickness / 2
     return PhantomSettings(
         pixel_spacing_mm=pixel_spacing,
+        fov_centre="heart" if gated else str(rng.choice(["body", "body", "heart"])),
         slice_thickness_mm=thickness,
         slice_increment_mm=increment,
         kvp=int(rng.choice([100, 120, 120, 120])),
@@ -182,7 +183,7 @@ def train(config: TrainingConfig) -> dict:
         optimiser.step()
         schedule.step()
         step += 1
-        running.append(float(loss))
+        running.append(loss.item())
         if step % config.checkpoint_every == 0 or step == config.steps:
             history.append({"step": step, "loss": float(np.mean(running))})
             rate = len(running) / (time.perf_counter() - started)
@@ -233,3 +234,43 @@ def export(network, config: TrainingConfig, history: list) -> dict:
     }
     (model_dir / "model.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def holdout_check(model_dir: str, n_scans: int = 40, seed: int = 99_000_001, workers: int = 2) -> dict:
+    """Score generated scans never used in training (other seeds) with the exported
+    ONNX model and compare with their reference scores: risk-category agreement,
+    CAC > 0 detection, and the mean absolute Agatston error."""
+    from cacflow.inference import CalciumSegmenter
+    from cacflow.model.engines import ModelFiles, OnnxRuntimeEngine
+    from cacflow.scoring import score_volume
+    from cacflow.synth.phantom import generate_phantom
+
+    segmenter = CalciumSegmenter(OnnxRuntimeEngine(ModelFiles(Path(model_dir)), threads=workers))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(n_scans):
+        settings = randomised_phantom_settings(rng)
+        phantom = generate_phantom(int(rng.integers(2**31)), settings)
+        labels = segmenter.segment(phantom.hu, phantom.spacing_mm).labels
+        predicted = score_volume(phantom.hu, labels, phantom.spacing_mm, z_positions_mm=phantom.z_positions_mm)
+        rows.append({
+            "gated": settings.gated, "reference": phantom.reference["agatston_total"],
+            "reference_category": phantom.reference["risk_category"],
+            "predicted": predicted.agatston_total, "predicted_category": predicted.risk_category,
+        })
+        log.info("holdout %d/%d: reference %.1f (%s), predicted %.1f (%s)", index + 1, n_scans,
+                 rows[-1]["reference"], rows[-1]["reference_category"], rows[-1]["predicted"],
+                 rows[-1]["predicted_category"])
+    positives = [r for r in rows if r["reference"] > 0]
+    negatives = [r for r in rows if r["reference"] == 0]
+    return {
+        "n_scans": n_scans,
+        "seed": seed,
+        "risk_category_agreement": float(np.mean([r["reference_category"] == r["predicted_category"] for r in rows])),
+        "risk_category_agreement_gated": float(np.mean(
+            [r["reference_category"] == r["predicted_category"] for r in rows if r["gated"]] or [np.nan])),
+        "sensitivity_cac_gt_0": float(np.mean([r["predicted"] > 0 for r in positives])) if positives else None,
+        "specificity_cac_eq_0": float(np.mean([r["predicted"] == 0 for r in negatives])) if negatives else None,
+        "mean_abs_agatston_error": float(np.mean([abs(r["predicted"] - r["reference"]) for r in rows])),
+        "scans": rows,
+    }

@@ -1,0 +1,343 @@
+"""A synthetic cohort: DICOM archive per participant visit, manifest, ground truth.
+
+Layout under ``out_dir``::
+
+    manifest.tsv                          participant_id, visit, dicom_dir (absolute)
+    dicom/<participant>/<visit>/...       what an archive export holds (several series,
+                                          folder layouts and file names vary by visit)
+    ground_truth/                         beside the DICOM, never inside it
+        reference_scores.tsv              one row per visit: expected series and scores
+        lesions.tsv                       one row per coronary lesion of a scored series
+        series.tsv                        every series written, with what it is
+        <participant>_<visit>/labels.nii.gz   lesion labels (0 bg, 1 LM, 2 LAD, 3 LCX, 4 RCA)
+        <participant>_<visit>/vessels.nii.gz  coronary tubes, same labels
+        <participant>_<visit>/truth.json      reference, lesions, distractors, settings
+
+Ground truth carries only the cohort's participant ids, never the (planted) patient
+identifiers written into the DICOM.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from cacflow.synth.dicom_writer import localizer_from_phantom, uid, write_series
+from cacflow.synth.phantom import RISK_CATEGORIES, Phantom, PhantomSettings, generate_phantom, risk_category
+
+MANIFEST_COLUMNS = ("participant_id", "visit", "dicom_dir")
+SCORE_COLUMNS = (
+    "agatston_total", "agatston_lm", "agatston_lad", "agatston_lcx", "agatston_rca", "volume_mm3",
+    "lesion_count", "risk_category", "cac_drs",
+)
+REFERENCE_COLUMNS = (
+    "participant_id", "visit", "expected_status", "series_instance_uid", "series_kind", "gated", "ecg_tags_blank",
+    "kvp", "slice_thickness_mm", "slice_increment_mm", "pixel_spacing_mm", *SCORE_COLUMNS,
+)
+LESION_COLUMNS = (
+    "participant_id", "visit", "lesion_id", "vessel", "z_mm", "y_mm", "x_mm", "semi_axis_1_mm", "semi_axis_2_mm",
+    "semi_axis_3_mm", "density_hu", "distance_from_ostium_mm", "n_slices", "agatston", "volume_mm3", "n_voxels",
+)
+SERIES_COLUMNS = ("participant_id", "visit", "series_instance_uid", "series_number", "series_kind", "n_files", "folder")
+
+
+@dataclass(frozen=True)
+class _Visit:
+    participant: str
+    visit: str
+    target: float  # Agatston the patient's lesion plan aims at (standard gated scan)
+    kinds: tuple[str, ...]  # series in the archive, in acquisition order
+    vendor: str
+    layout: str  # 'flat', 'series_folders', 'dated', 'bare'
+    blank_gating: bool = False  # gated, but the ECG tags were stripped (description keeps 'CaSc')
+
+
+# Hand-made plans: every risk category by construction, at least two zeros, visits
+# without a gated series (non-gated chest only; nothing scorable), blanked ECG tags,
+# every vendor and layout, a participant with two visits.
+_DEMO_PLANS = (
+    _Visit("P001", "baseline", 0, ("localizer", "calcium_score"), "siemens", "series_folders", blank_gating=True),
+    _Visit("P002", "baseline", 0, ("localizer", "calcium_score", "thin"), "ge", "flat"),
+    _Visit("P003", "baseline", 5, ("calcium_score",), "philips", "dated"),
+    _Visit("P004", "baseline", 40, ("localizer", "calcium_score"), "canon", "bare"),
+    _Visit("P005", "baseline", 200, ("localizer", "calcium_score", "chest"), "siemens", "series_folders", blank_gating=True),
+    _Visit("P006", "baseline", 900, ("localizer", "calcium_score", "low_kvp"), "ge", "dated"),
+    _Visit("P007", "baseline", 30, ("calcium_score", "low_kvp"), "siemens", "bare", blank_gating=True),
+    _Visit("P008", "baseline", 150, ("localizer", "calcium_score", "cta"), "philips", "series_folders"),
+    _Visit("P009", "baseline", 120, ("localizer", "chest"), "canon", "flat"),
+    _Visit("P010", "baseline", 50, ("localizer", "cta"), "ge", "series_folders"),
+    _Visit("P011", "baseline", 5, ("calcium_score", "thin"), "siemens", "dated"),
+    _Visit("P011", "year5", 60, ("localizer", "calcium_score"), "siemens", "dated"),
+    _Visit("P012", "baseline", 600, ("localizer", "calcium_score", "chest"), "canon", "bare"),
+)
+_TINY_PLANS = (
+    _Visit("P001", "baseline", 0, ("calcium_score",), "siemens", "series_folders"),
+    _Visit("P002", "baseline", 40, ("localizer", "calcium_score", "thin"), "ge", "flat"),
+    _Visit("P003", "baseline", 600, ("calcium_score", "chest"), "philips", "bare", blank_gating=True),
+    _Visit("P004", "baseline", 50, ("localizer", "cta"), "canon", "dated"),
+)
+_PLANS = {"demo": _DEMO_PLANS, "tiny": _TINY_PLANS}
+
+# Acquisition per series kind and cohort size; the scan of record is 'calcium_score'.
+_ACQUISITIONS = {
+    "demo": {
+        "calcium_score": dict(rows=512, cols=512, slice_thickness_mm=3.0, slice_increment_mm=3.0),
+        "low_kvp": dict(rows=512, cols=512, slice_thickness_mm=3.0, slice_increment_mm=3.0, kvp=100, noise_hu=30.0),
+        "thin": dict(rows=256, cols=256, pixel_spacing_mm=0.78, slice_thickness_mm=1.0, slice_increment_mm=0.8, n_slices=64, noise_hu=35.0),
+        "cta": dict(rows=256, cols=256, pixel_spacing_mm=0.78, slice_thickness_mm=0.75, slice_increment_mm=0.75, n_slices=80, contrast=True, noise_hu=30.0),
+        "chest": dict(rows=512, cols=512, pixel_spacing_mm=0.74, slice_thickness_mm=5.0, slice_increment_mm=5.0, n_slices=40, gated=False, fov_centre="body", noise_hu=15.0),
+    },
+    "tiny": {
+        "calcium_score": dict(rows=256, cols=256, pixel_spacing_mm=0.78, slice_thickness_mm=3.0, slice_increment_mm=3.0),
+        "low_kvp": dict(rows=256, cols=256, pixel_spacing_mm=0.78, kvp=100, noise_hu=30.0),
+        "thin": dict(rows=256, cols=256, pixel_spacing_mm=0.78, slice_thickness_mm=1.0, slice_increment_mm=1.0, n_slices=24, noise_hu=35.0),
+        "cta": dict(rows=256, cols=256, pixel_spacing_mm=0.78, slice_thickness_mm=1.0, slice_increment_mm=1.0, n_slices=32, contrast=True, noise_hu=30.0),
+        "chest": dict(rows=256, cols=256, pixel_spacing_mm=1.5, slice_thickness_mm=5.0, slice_increment_mm=5.0, n_slices=30, gated=False, fov_centre="body", noise_hu=15.0),
+    },
+}
+# Localizer: a coarse whole-chest render projected front to back (and sideways).
+_LOCALIZER = dict(rows=128, cols=128, pixel_spacing_mm=3.9, slice_thickness_mm=2.0, slice_increment_mm=2.0, n_slices=180, fov_centre="body", noise_hu=5.0)
+
+_GIVEN = ("JANE", "JOHN", "MARIA", "WEI", "AMIR", "FATIMA", "OLGA", "PEDRO", "AIKO", "KWAME", "INGRID", "RAVI")
+_FAMILY = ("DOE", "MILLER", "GARCIA", "CHEN", "KHAN", "OKAFOR", "IVANOVA", "SILVA", "TANAKA", "MENSAH", "BERG", "PATEL")
+
+
+def _identifiers(participant_rng: np.random.Generator, visit_rng: np.random.Generator, plan: _Visit) -> dict:
+    """Realistic fake identifiers: the person's are stable across visits, the study's are not."""
+    index = int(plan.participant.strip("P") or 0)
+    birth = 1940 + int(participant_rng.integers(0, 35))
+    person = {
+        "PatientName": f"{_FAMILY[index % len(_FAMILY)]}^{_GIVEN[(index * 7) % len(_GIVEN)]}",
+        "PatientID": f"MRN{int(participant_rng.integers(10**6, 10**7))}",
+        "PatientBirthDate": f"{birth}{int(participant_rng.integers(1, 13)):02d}{int(participant_rng.integers(1, 29)):02d}",
+        "PatientSex": "F" if index % 2 else "M",
+    }
+    year = 2014 + int(participant_rng.integers(0, 5)) + (0 if plan.visit == "baseline" else 5)
+    date = f"{year}{int(visit_rng.integers(1, 13)):02d}{int(visit_rng.integers(1, 29)):02d}"
+    return {
+        **person,
+        "PatientAge": f"{year - birth:03d}Y",
+        "AccessionNumber": f"A{date}{int(visit_rng.integers(100, 999))}",
+        "StudyID": str(int(visit_rng.integers(1000, 9999))),
+        "StudyDate": date,
+        "StudyTime": f"{int(visit_rng.integers(7, 18)):02d}{int(visit_rng.integers(0, 60)):02d}{int(visit_rng.integers(0, 60)):02d}",
+    }
+
+
+def _series_folder(visit_dir: Path, plan: _Visit, number: int, kind: str, uids: dict, study_date: str) -> tuple[Path, str]:
+    """Where a series' files go and how they are named, per the visit's layout."""
+    if plan.layout == "flat":
+        return visit_dir, "IM"
+    if plan.layout == "series_folders":
+        return visit_dir / f"{number:03d}_{kind}", "IM"
+    study, series = (re.sub(r"\D", "", uids[k])[-8:] for k in ("study", "series"))
+    if plan.layout == "dated":
+        return visit_dir / study_date[:4] / study_date[4:6] / study_date[6:] / series, "uid"
+    return visit_dir / "DICOM" / f"ST{study}" / f"SE{series}", "bare"
+
+
+def _nifti(labels: np.ndarray, phantom: Phantom) -> nib.Nifti1Image:
+    """Canonical [z, y, x] labels as NIfTI (array [x, y, z]) with the DICOM geometry in RAS.
+
+    DICOM LPS (x0 + i*col, y0 + j*row, z_k) is RAS (-x, -y, z); loading back:
+    ``np.asarray(img.dataobj).transpose(2, 1, 0)`` is the canonical array.
+    """
+    x0, y0 = phantom.origin_xy_mm
+    increment, row, col = phantom.spacing_mm
+    affine = np.diag([-col, -row, increment, 1.0])
+    affine[:3, 3] = (-x0, -y0, float(phantom.z_positions_mm[0]))
+    image = nib.Nifti1Image(np.ascontiguousarray(labels.transpose(2, 1, 0)), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    return image
+
+
+def _visit_seed(seed: int, participant: str) -> int:
+    return int(np.random.SeedSequence([seed, int(participant.strip("P") or 0)]).generate_state(1)[0])
+
+
+def _generate_visit(args) -> dict:
+    """Write one visit's DICOM series and ground truth; return its table rows."""
+    out_dir, plan, seed, size, planted = args
+    patient_seed = _visit_seed(seed, plan.participant)  # same patient at every visit
+    rng = np.random.default_rng([patient_seed, sum(map(ord, plan.visit))])
+    identifiers = _identifiers(np.random.default_rng([patient_seed, 0]), rng, plan)
+    identifiers.update({k: str(v).format(participant=plan.participant, visit=plan.visit) for k, v in (planted or {}).items()})
+    visit_dir = out_dir / "dicom" / plan.participant / plan.visit
+    study_uid = uid("cacflow-synth", seed, plan.participant, plan.visit)
+    heart_rate = int(rng.integers(52, 78))
+    pixel_spacing = round(float(rng.uniform(0.33, 0.45)), 3)  # zoomed cardiac FOV varies by patient
+    patient = PhantomSettings(target_agatston=plan.target) if plan.target > 0 else PhantomSettings(n_coronary_lesions=0)
+
+    def settings_for(kind: str, number: int, lesion_seed: int) -> PhantomSettings:
+        overrides = dict(_LOCALIZER if kind == "localizer" else _ACQUISITIONS[size][kind])
+        if kind in ("calcium_score", "low_kvp") and size == "demo":
+            overrides["pixel_spacing_mm"] = pixel_spacing
+        if kind == "calcium_score" and plan.vendor == "ge":
+            overrides.update(slice_thickness_mm=2.5, slice_increment_mm=2.5)  # SmartScore habit
+        return replace(patient, acquisition_seed=number, lesion_seed=lesion_seed, **overrides)
+
+    # Lesion plans aim at the target by construction; should the scan of record still
+    # land outside the target's risk category, draw another plan for the same anatomy.
+    scored_kind = "calcium_score" if "calcium_score" in plan.kinds else "chest" if "chest" in plan.kinds else None
+    lesion_seed, scored_phantom = 0, None
+    if scored_kind == "calcium_score":
+        number = plan.kinds.index(scored_kind) + 1
+        for lesion_seed in range(5):
+            scored_phantom = generate_phantom(patient_seed, settings_for(scored_kind, number, lesion_seed))
+            if risk_category(scored_phantom.reference["agatston_total"]) == risk_category(plan.target):
+                break
+
+    series_rows, scored = [], None
+    for number, kind in enumerate(plan.kinds, start=1):
+        settings = settings_for(kind, number, lesion_seed)
+        phantom = scored_phantom if kind == "calcium_score" else generate_phantom(patient_seed, settings)
+        uids = {"study": study_uid, "series": uid(study_uid, number)}
+        folder, naming = _series_folder(visit_dir, plan, number, kind, uids, identifiers["StudyDate"])
+        source = phantom
+        if kind == "localizer":
+            views = ["frontal", "lateral"][: 1 + int(rng.integers(0, 2))]
+            stacks = [localizer_from_phantom(phantom, view) for view in views]
+            source = replace(stacks[0], hu=np.concatenate([s.hu for s in stacks]), positions_mm=np.concatenate([s.positions_mm for s in stacks]))
+        gated = kind in ("calcium_score", "thin", "low_kvp", "cta")
+        paths = write_series(
+            source, folder, series_kind=kind, uids=uids, tags=identifiers,
+            vendor=plan.vendor, series_number=number, naming=naming,
+            acquisition={"kvp": settings.kvp, "gated": gated, "contrast": settings.contrast,
+                         "blank_gating": plan.blank_gating, "heart_rate": heart_rate},
+        )
+        series_rows.append({
+            "participant_id": plan.participant, "visit": plan.visit, "series_instance_uid": uids["series"],
+            "series_number": number, "series_kind": kind, "n_files": len(paths),
+            "folder": str(folder.relative_to(out_dir)),
+        })
+        if kind == scored_kind:
+            scored = (phantom, uids["series"])
+    return _write_truth(out_dir, plan, scored, scored_kind, series_rows)
+
+
+def _write_truth(out_dir: Path, plan: _Visit, scored, scored_kind, series_rows) -> dict:
+    truth_dir = out_dir / "ground_truth" / f"{plan.participant}_{plan.visit}"
+    truth_dir.mkdir(parents=True, exist_ok=True)
+    status = {"calcium_score": "scored", "chest": "scored_nongated", None: "not_scorable"}[scored_kind]
+    reference_row = {c: "" for c in REFERENCE_COLUMNS}
+    reference_row.update(participant_id=plan.participant, visit=plan.visit, expected_status=status)
+    lesion_rows, truth = [], {"participant_id": plan.participant, "visit": plan.visit, "expected_status": status, "series": series_rows}
+    if scored is not None:
+        phantom, series_uid = scored
+        nib.save(_nifti(phantom.coronary_labels, phantom), truth_dir / "labels.nii.gz")
+        nib.save(_nifti(phantom.vessel_labels, phantom), truth_dir / "vessels.nii.gz")
+        meta = phantom.metadata
+        reference_row.update(
+            series_instance_uid=series_uid, series_kind=scored_kind, gated=meta["gated"],
+            ecg_tags_blank=plan.blank_gating and meta["gated"], kvp=meta["kvp"],
+            slice_thickness_mm=meta["slice_thickness_mm"], slice_increment_mm=meta["slice_increment_mm"],
+            pixel_spacing_mm=meta["pixel_spacing_mm"], **{c: phantom.reference[c] for c in SCORE_COLUMNS},
+        )
+        for lesion in phantom.lesions:
+            z, y, x = lesion["centre_zyx_mm"]
+            lesion_rows.append({
+                "participant_id": plan.participant, "visit": plan.visit, "lesion_id": lesion["lesion_id"],
+                "vessel": lesion["vessel"], "z_mm": z, "y_mm": y, "x_mm": x,
+                **{f"semi_axis_{i + 1}_mm": s for i, s in enumerate(lesion["semi_axes_mm"])},
+                "density_hu": lesion["density_hu"], "distance_from_ostium_mm": lesion["distance_from_ostium_mm"],
+                "n_slices": len(lesion["slices"]), "agatston": lesion["agatston"], "volume_mm3": lesion["volume_mm3"],
+                "n_voxels": lesion["n_voxels"],
+            })
+        truth.update(series_instance_uid=series_uid, reference=phantom.reference, lesions=phantom.lesions,
+                     distractors=phantom.distractors, metadata=meta)
+    (truth_dir / "truth.json").write_text(json.dumps(truth, indent=1, default=float))
+    return {"reference": reference_row, "lesions": lesion_rows, "series": series_rows}
+
+
+def _write_tsv(path: Path, columns, rows) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _plans(n_participants: int, size: str, seed: int) -> list[_Visit]:
+    """The hand-made plans, then random participants beyond them."""
+    fixed = _PLANS[size]
+    participants = sorted({p.participant for p in fixed})
+    plans = [p for p in fixed if p.participant in participants[:n_participants]]
+    rng = np.random.default_rng([seed, 99])
+    vendors, layouts = ("siemens", "ge", "philips", "canon"), ("flat", "series_folders", "dated", "bare")
+    extras = ("localizer", "thin", "low_kvp", "cta", "chest")
+    for index in range(len(participants) + 1, n_participants + 1):
+        category = RISK_CATEGORIES[int(rng.integers(len(RISK_CATEGORIES)))]
+        target = {"0": 0.0, "1-10": 5.0, "11-100": 40.0, "101-400": 200.0, ">400": 800.0}[category]
+        kinds = ("calcium_score", *sorted(rng.choice(extras, size=int(rng.integers(0, 3)), replace=False)))
+        plans.append(_Visit(f"P{index:03d}", "baseline", target, kinds, str(rng.choice(vendors)), str(rng.choice(layouts))))
+    return plans
+
+
+def generate_cohort(
+    out_dir: str | Path,
+    n_participants: int | None = None,
+    seed: int = 0,
+    *,
+    planted_identifiers: dict[str, str] | None = None,
+    size: str = "demo",
+    workers: int | None = None,
+) -> Path:
+    """Write a synthetic cohort under out_dir and return the manifest path.
+
+    size: 'demo' (12 participants by default, every risk category, 512 x 512 gated
+    series) or 'tiny' (4 participants, 256 x 256, for fast workflow tests).
+    planted_identifiers: DICOM keyword -> value written into every file of every
+    series ('{participant}' and '{visit}' are filled in), for leak tests.
+    """
+    if size not in _PLANS:
+        raise ValueError(f"size must be one of {sorted(_PLANS)}, got {size!r}")
+    n_participants = n_participants if n_participants is not None else len({p.participant for p in _PLANS[size]})
+    if n_participants < 1:
+        raise ValueError("n_participants must be at least 1")
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plans = _plans(n_participants, size, seed)
+    jobs = [(out_dir, plan, seed, size, planted_identifiers) for plan in plans]
+    workers = workers or min(2, os.cpu_count() or 1)
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_generate_visit, jobs))
+    else:
+        results = [_generate_visit(job) for job in jobs]
+
+    references = [r["reference"] for r in results]
+    if all(p in plans for p in _PLANS[size]):
+        _check_categories(plans, references, size)
+    truth_dir = out_dir / "ground_truth"
+    _write_tsv(truth_dir / "reference_scores.tsv", REFERENCE_COLUMNS, references)
+    _write_tsv(truth_dir / "lesions.tsv", LESION_COLUMNS, [row for r in results for row in r["lesions"]])
+    _write_tsv(truth_dir / "series.tsv", SERIES_COLUMNS, [row for r in results for row in r["series"]])
+    manifest = out_dir / "manifest.tsv"
+    _write_tsv(
+        manifest, MANIFEST_COLUMNS,
+        [{"participant_id": p.participant, "visit": p.visit, "dicom_dir": str(out_dir / "dicom" / p.participant / p.visit)} for p in plans],
+    )
+    return manifest
+
+
+def _check_categories(plans: list[_Visit], references: list[dict], size: str) -> None:
+    """The hand-made plans must land where they were aimed (gated scans of record)."""
+    found = {}
+    for plan, row in zip(plans, references):
+        if row["expected_status"] != "scored":
+            continue
+        found[plan.participant, plan.visit] = row["risk_category"]
+        if risk_category(plan.target) != row["risk_category"]:
+            raise RuntimeError(f"{plan.participant} {plan.visit}: aimed at {plan.target}, scored {row['risk_category']}")
+    categories = list(found.values())
+    if size == "demo" and (set(categories) != set(RISK_CATEGORIES) or categories.count("0") < 2):
+        raise RuntimeError(f"demo cohort does not cover every risk category: {sorted(categories)}")

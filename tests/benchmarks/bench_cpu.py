@@ -1,0 +1,124 @@
+"""CPU benchmark: seconds per gated 512 x 512 scan, DICOM folder to scores.
+
+Run by hand (not a test):  python tests/benchmarks/bench_cpu.py [--scans 4] [--repeats 3]
+
+Generates gated calcium-score series (real DICOM), then times each stage of the
+per-visit path the workflow runs (discover, QC + select, dcm2niix, load, network
+preprocessing / engine / candidate vote, score) for every scan, several times, and
+prints medians. Each engine runs in its own process so its peak memory (max RSS) is
+measured alone. The ONNX Runtime engine is compared with PyTorch on the CPU, both
+measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def make_scans(out_dir: Path, n_scans: int) -> list[Path]:
+    from pydicom.uid import generate_uid
+
+    from cacflow.synth.dicom_writer import write_series
+    from cacflow.synth.phantom import PhantomSettings, generate_phantom
+
+    folders = []
+    for index in range(n_scans):
+        phantom = generate_phantom(1000 + index, PhantomSettings(rows=512, cols=512, pixel_spacing_mm=0.39))
+        folder = out_dir / f"scan{index}"
+        uids = {"study": generate_uid(entropy_srcs=[f"bench-study-{index}"]),
+                "series": generate_uid(entropy_srcs=[f"bench-series-{index}"])}
+        write_series(phantom, folder, series_kind="calcium_score", uids=uids)
+        folders.append(folder)
+    return folders
+
+
+def time_engine(engine: str, folders: list[str], repeats: int, queue) -> None:
+    from cacflow import pipeline
+    from cacflow.config import load_config
+    from cacflow.convert import load_volume
+    from cacflow.manifest import VisitEntry
+
+    config = load_config()
+    started = time.perf_counter()
+    inferer = pipeline.Inferer(engine, config)
+    load_seconds = time.perf_counter() - started
+    stages: dict[str, list[float]] = {}
+    totals = []
+    with tempfile.TemporaryDirectory() as work:
+        for repeat in range(repeats):
+            for index, folder in enumerate(folders):
+                clock = {}
+                t = time.perf_counter()
+                series, visit = pipeline.discover_entry(VisitEntry(f"B{index}", str(repeat), folder))
+                clock["discover"] = time.perf_counter() - t
+                t = time.perf_counter()
+                _, visit = pipeline.select_visit(series, visit, config)
+                clock["qc_select"] = time.perf_counter() - t
+                t = time.perf_counter()
+                pipeline.convert_visit(visit, Path(work))
+                clock["convert_dcm2niix"] = time.perf_counter() - t
+                t = time.perf_counter()
+                volume = load_volume(visit["nifti_path"], visit.get("slice_thickness_mm"))
+                clock["load_nifti"] = time.perf_counter() - t
+                segmentation = inferer.segmenter.segment(volume.hu, volume.spacing_mm)
+                clock["infer_preprocess"] = segmentation.seconds_preprocess
+                clock["infer_engine"] = segmentation.seconds_engine
+                clock["infer_vote"] = segmentation.seconds_postprocess
+                t = time.perf_counter()
+                pipeline.score_visit(visit, volume, segmentation.labels, config)
+                clock["score"] = time.perf_counter() - t
+                for stage, seconds in clock.items():
+                    stages.setdefault(stage, []).append(seconds)
+                totals.append(sum(clock.values()))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"engine": inferer.engine.label, "model_load_s": load_seconds, "total_median_s": statistics.median(totals),
+               "stages_median_s": {k: statistics.median(v) for k, v in stages.items()}, "peak_rss_mb": peak_mb,
+               "n_measurements": len(totals)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scans", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engines", nargs="+", default=["onnxruntime", "torch"])
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        folders = [str(f) for f in make_scans(Path(scratch), args.scans)]
+        context = multiprocessing.get_context("spawn")
+        for engine in args.engines:
+            queue = context.Queue()
+            process = context.Process(target=time_engine, args=(engine, folders, args.repeats, queue))
+            process.start()
+            results.append(queue.get())
+            process.join()
+    print(f"machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, "
+          f"python {platform.python_version()}")
+    print(f"{args.scans} gated 512x512 scans x {args.repeats} repeats per engine; medians per scan")
+    for result in results:
+        print(f"\nengine {result['engine']}: {result['total_median_s']:.2f} s per scan end to end, "
+              f"peak memory {result['peak_rss_mb']:.0f} MB, model load {result['model_load_s']:.2f} s")
+        for stage, seconds in result["stages_median_s"].items():
+            print(f"  {stage:18s} {seconds:6.3f} s")
+    if len(results) > 1:
+        base = results[-1]
+        for result in results[:-1]:
+            print(f"\n{result['engine']} / {base['engine']}: "
+                  f"{result['total_median_s'] / base['total_median_s']:.2f}x end-to-end time, "
+                  f"{result['stages_median_s']['infer_engine'] / base['stages_median_s']['infer_engine']:.2f}x engine time")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

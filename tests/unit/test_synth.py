@@ -1,0 +1,295 @@
+"""Synthetic phantoms, DICOM writer and demo cohort: ground truth is self-consistent."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from scipy import ndimage
+
+from cacflow.nifti_io import load_nifti
+from cacflow.synth import cohort as cohort_module
+from cacflow.synth import phantom as ph
+from cacflow.synth.cohort import generate_cohort
+from cacflow.synth.dicom_writer import VENDORS, localizer_from_phantom, uid, write_series
+from cacflow.synth.phantom import LesionSpec, PhantomSettings, generate_phantom
+
+SMALL = dict(rows=256, cols=256, pixel_spacing_mm=0.78)  # fast, still covers the heart
+
+
+def _agatston_by_hand(hu: np.ndarray, labels: np.ndarray, pixel_area: float, increment: float) -> float:
+    """Textbook Agatston on labelled voxels, written independently of the generator."""
+    total = 0.0
+    for k in range(hu.shape[0]):
+        groups, n = ndimage.label(labels[k] > 0, structure=np.ones((3, 3)))
+        for g in range(1, n + 1):
+            member = groups == g
+            area = member.sum() * pixel_area
+            if area < 1.0:
+                continue
+            peak = hu[k][member].max()
+            total += area * (1 if peak < 200 else 2 if peak < 300 else 3 if peak < 400 else 4)
+    return total * increment / 3.0
+
+
+@pytest.fixture(scope="module")
+def single_lesion():
+    spec = LesionSpec("lad", 0.3, (2.5, 1.5, 1.5), 600.0)
+    return generate_phantom(11, PhantomSettings(lesions=(spec,), noise_hu=0, include_distractors=False))
+
+
+def test_reference_matches_hand_recomputation(single_lesion):
+    p = single_lesion
+    assert len(p.lesions) == 1 and p.lesions[0]["vessel"] == "lad"
+    by_hand = _agatston_by_hand(p.hu, p.coronary_labels, p.spacing_mm[1] * p.spacing_mm[2], p.spacing_mm[0])
+    assert by_hand > 0
+    assert p.reference["agatston_total"] == pytest.approx(by_hand, abs=1e-3)
+    assert p.reference["agatston_lad"] == p.reference["agatston_total"]
+    assert p.reference["lesion_count"] == 1
+    assert p.reference["risk_category"] == ph.risk_category(by_hand)
+
+
+def test_labels_only_on_lesion_voxels(single_lesion):
+    p = single_lesion
+    labelled = p.coronary_labels > 0
+    assert set(np.unique(p.coronary_labels)) == {0, 2}
+    assert (p.hu[labelled] >= 130).all()  # noise-free, so hu is the clean rendering
+    assert labelled.sum() == p.lesions[0]["n_voxels"]
+    cz, cy, cx = (int(round(v)) for v in p.lesions[0]["centre_voxel_zyx"])
+    zz, yy, xx = np.nonzero(labelled)
+    assert abs(zz.mean() - cz) <= 1 and abs(yy.mean() - cy) <= 8 and abs(xx.mean() - cx) <= 8
+    # the lesion sits on its vessel's tube
+    assert (p.vessel_labels[labelled] == 2).mean() > 0.3
+
+
+def test_fine_rendering_matches_ellipsoid_geometry():
+    """At fine sampling the thresholded lesion is the ellipsoid: volume and score by hand."""
+    a, b, c, peak = 2.5, 1.5, 1.5, 600.0
+    obj = ph._Calcium(np.zeros(3), np.eye(3), (a, b, c), peak, "coronary", "lad")
+    xy = np.arange(-4, 4.01, 0.1)
+    z = np.arange(-4, 4.01, 0.25)
+    grid = ph._Grid(xy, xy, z, 0.25)
+    vol = np.zeros((len(z), len(xy), len(xy)), dtype=np.float32)
+    box, fraction = ph._render_calcium(vol, grid, obj, peak)
+    _, counted, records = ph._score_rendering(vol[box], fraction, grid.z[box[0]], 0, 0.01)
+    volume = counted.sum() * 0.01 * 0.25
+    assert volume == pytest.approx(4 / 3 * math.pi * a * b * c, rel=0.05)
+    # density 600 * (1 - 0.4 q): every slice peaks between 360 and 600, so weight 3 or 4
+    agatston = sum(r["agatston"] for r in records) * 0.25 / 3
+    assert volume / 3 * 3 * 0.95 <= agatston <= volume / 3 * 4 * 1.05
+
+
+def test_zero_lesions_scores_zero():
+    p = generate_phantom(5, PhantomSettings(n_coronary_lesions=0, **SMALL))
+    assert p.lesions == []
+    assert not p.coronary_labels.any()
+    assert p.reference["agatston_total"] == 0 and p.reference["risk_category"] == "0"
+    assert p.reference["cac_drs"] == "A0" and p.reference["lesion_count"] == 0
+    assert p.vessel_labels.any()  # the coronary tree is there, just not calcified
+
+
+def test_canonical_orientation():
+    p = generate_phantom(3, PhantomSettings(fov_centre="body", noise_hu=0, include_distractors=False, **SMALL))
+    ps = p.spacing_mm[1]
+    midline_col = int(round(-p.origin_xy_mm[0] / ps))  # patient x = 0
+    centre_row = int(round(-p.origin_xy_mm[1] / ps))  # patient y = 0
+    bone_rows = np.nonzero((p.hu[:, :, midline_col - 2 : midline_col + 3] > 600).any(axis=(0, 2)))[0]
+    assert bone_rows.max() > centre_row + 40 / ps  # spine posterior: large row index
+    assert bone_rows.min() < centre_row - 60 / ps  # sternum anterior
+    assert np.nonzero(p.vessel_labels)[2].mean() > midline_col  # heart on the patient's left
+    assert p.metadata["heart_centre_zyx_mm"][2] > 0
+    assert np.all(np.diff(p.z_positions_mm) > 0)
+    # z grows superiorly: the left main sits above the apex-bound LAD, liver at the bottom
+    assert np.nonzero(p.vessel_labels == 1)[0].mean() > np.nonzero(p.vessel_labels == 2)[0].mean()
+    right_half = p.hu[:, :, :midline_col]
+    liver = ((right_half > 50) & (right_half < 70)).mean(axis=(1, 2))
+    assert liver[:3].mean() > liver[-3:].mean()
+
+
+def test_reproducible_by_seed_and_same_patient_across_acquisitions():
+    a = generate_phantom(21, PhantomSettings(**SMALL))
+    b = generate_phantom(21, PhantomSettings(**SMALL))
+    c = generate_phantom(22, PhantomSettings(**SMALL))
+    assert np.array_equal(a.hu, b.hu) and np.array_equal(a.coronary_labels, b.coronary_labels)
+    assert a.reference == b.reference and a.lesions == b.lesions
+    assert not (a.hu.shape == c.hu.shape and np.array_equal(a.hu, c.hu))
+    thin = generate_phantom(21, PhantomSettings(slice_thickness_mm=1.0, slice_increment_mm=1.0, **SMALL))
+    assert [x["centre_zyx_mm"] for x in thin.lesions] == [x["centre_zyx_mm"] for x in a.lesions]
+    assert thin.hu.shape[0] > 2.5 * a.hu.shape[0]
+
+
+@pytest.mark.parametrize("target,category", [(5.0, "1-10"), (40.0, "11-100"), (200.0, "101-400"), (900.0, ">400")])
+def test_target_agatston_lands_in_its_risk_category(target, category):
+    p = generate_phantom(int(target), PhantomSettings(target_agatston=target))
+    assert p.reference["risk_category"] == category
+    assert p.reference["lesion_count"] >= 1
+
+
+def test_settings_and_metadata():
+    with pytest.raises(ValueError):
+        PhantomSettings(n_coronary_lesions=2, target_agatston=50.0)
+    p = generate_phantom(4, PhantomSettings(gated=False, contrast=True, kvp=100, slice_thickness_mm=5.0, slice_increment_mm=5.0, **SMALL))
+    json.dumps([p.metadata, p.lesions, p.distractors, p.reference])
+    assert p.metadata["gated"] is False and p.metadata["kvp"] == 100 and p.metadata["motion_blur_mm"] > 0
+    assert p.hu.dtype == np.float32 and p.hu.min() >= -1024 and p.hu.max() <= 3071
+    assert p.spacing_mm == (5.0, 0.78, 0.78)
+    assert p.hu[p.vessel_labels > 0].mean() > 200  # iodine in the coronary lumen
+    volume = p.volume()
+    assert volume.hu is p.hu and volume.increment_mm == 5.0
+
+
+def test_phantom_is_fast():
+    start = time.perf_counter()
+    p = generate_phantom(8, PhantomSettings(n_slices=50))
+    assert p.hu.shape == (50, 512, 512)
+    assert time.perf_counter() - start < 4.0  # ~1.3 s on a laptop core; slack for CI
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+@pytest.fixture(scope="module")
+def small_phantom():
+    return generate_phantom(9, PhantomSettings(target_agatston=150.0, **SMALL))
+
+
+@pytest.mark.parametrize("vendor", sorted(VENDORS))
+def test_dicom_round_trip(tmp_path, small_phantom, vendor):
+    p = small_phantom
+    uids = {"study": uid("test", "study"), "series": uid("test", vendor)}
+    paths = write_series(p, tmp_path, series_kind="calcium_score", uids=uids, vendor=vendor, series_number=3)
+    assert len(paths) == p.hu.shape[0]
+    datasets = sorted((pydicom.dcmread(path) for path in paths), key=lambda d: float(d.ImagePositionPatient[2]))
+    hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in datasets])
+    assert np.abs(hu - p.hu).max() <= 1.0
+    first = datasets[0]
+    assert first.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert first.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2" == first.file_meta.MediaStorageSOPClassUID
+    assert {d.StudyInstanceUID for d in datasets} == {uids["study"]}
+    assert {d.SeriesInstanceUID for d in datasets} == {uids["series"]}
+    assert len({d.SOPInstanceUID for d in datasets}) == len(datasets)
+    assert all(d.SOPInstanceUID == d.file_meta.MediaStorageSOPInstanceUID for d in datasets)
+    assert [float(v) for v in first.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    assert np.allclose([float(d.ImagePositionPatient[2]) for d in datasets], p.z_positions_mm)
+    assert np.allclose([float(v) for v in first.ImagePositionPatient[:2]], p.origin_xy_mm)
+    assert [float(v) for v in first.PixelSpacing] == [p.spacing_mm[1], p.spacing_mm[2]]
+    assert float(first.SliceThickness) == p.slice_thickness_mm and (first.Rows, first.Columns) == p.hu.shape[1:]
+    assert datasets[-1].InstanceNumber == 1 and first.InstanceNumber == len(datasets)  # superior first
+    assert float(first.KVP) == 120 and first.CardiacSynchronizationTechnique == "PROSPECTIVE"
+    assert first.Manufacturer == VENDORS[vendor].manufacturer and first.SeriesNumber == 3
+    # same inputs, same UIDs: cohorts are reproducible file for file
+    again = write_series(p, tmp_path / "again", series_kind="calcium_score", uids=uids, vendor=vendor, series_number=3)
+    assert [pydicom.dcmread(x).SOPInstanceUID for x in again] == [pydicom.dcmread(x).SOPInstanceUID for x in paths]
+
+
+def test_dicom_blank_gating_contrast_and_localizer(tmp_path, small_phantom):
+    uids = {"study": uid("s"), "series": uid("s", 1)}
+    cta = write_series(
+        small_phantom, tmp_path / "cta", series_kind="cta", uids=uids,
+        acquisition={"contrast": True, "blank_gating": True}, tags={"PatientName": "PLANTED^NAME"},
+    )
+    ds = pydicom.dcmread(cta[0])
+    assert ds.ContrastBolusAgent and ds.ContrastBolusRoute == "IV" and ds.PatientName == "PLANTED^NAME"
+    assert "CardiacSynchronizationTechnique" not in ds and "TriggerTime" not in ds
+    loc = write_series(localizer_from_phantom(small_phantom), tmp_path / "loc", series_kind="localizer", uids={"study": uid("s"), "series": uid("s", 2)}, naming="bare")
+    ds = pydicom.dcmread(loc[0])
+    assert list(ds.ImageType) == ["ORIGINAL", "PRIMARY", "LOCALIZER"] and "." not in loc[0].name
+    assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 0, -1]
+
+
+# --------------------------------------------------------------------------- cohort
+
+PLANTED = {"PatientName": "CANARY^{participant}", "PatientID": "CANARYID{participant}", "InstitutionName": "CANARY CLINIC"}
+
+
+@pytest.fixture(scope="module")
+def tiny_cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cohort")
+    return generate_cohort(out, seed=1, size="tiny", planted_identifiers=PLANTED)
+
+
+def _read_tsv(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+
+
+def test_cohort_manifest_and_reference(tiny_cohort):
+    manifest = tiny_cohort
+    assert manifest.read_text().splitlines()[0] == "participant_id\tvisit\tdicom_dir"
+    rows = _read_tsv(manifest)
+    assert len(rows) == 4
+    for row in rows:
+        folder = Path(row["dicom_dir"])
+        assert folder.is_absolute() and folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))
+        assert "ground_truth" not in str(folder)
+    references = {r["participant_id"]: r for r in _read_tsv(manifest.parent / "ground_truth" / "reference_scores.tsv")}
+    assert [references[p]["expected_status"] for p in ("P001", "P002", "P003", "P004")] == ["scored", "scored", "scored", "not_scorable"]
+    for plan in cohort_module._TINY_PLANS:
+        if "calcium_score" in plan.kinds:
+            assert references[plan.participant]["risk_category"] == ph.risk_category(plan.target)
+    assert not any((manifest.parent / "dicom").rglob("*.nii.gz"))  # ground truth never inside the DICOM tree
+
+
+def test_cohort_labels_match_dicom_geometry(tiny_cohort):
+    root = tiny_cohort.parent
+    reference = _read_tsv(root / "ground_truth" / "reference_scores.tsv")[2]  # P003, > 400
+    series = [s for s in _read_tsv(root / "ground_truth" / "series.tsv") if s["series_instance_uid"] == reference["series_instance_uid"]][0]
+    datasets = sorted(
+        (pydicom.dcmread(p, stop_before_pixels=True) for p in (root / series["folder"]).iterdir()),
+        key=lambda d: float(d.ImagePositionPatient[2]),
+    )
+    datasets = [d for d in datasets if d.SeriesInstanceUID == series["series_instance_uid"]]
+    image = nib.load(root / "ground_truth" / "P003_baseline" / "labels.nii.gz")
+    labels = np.asarray(image.dataobj).transpose(2, 1, 0)
+    assert labels.shape == (len(datasets), datasets[0].Rows, datasets[0].Columns)
+    x0, y0, z0 = (float(v) for v in datasets[0].ImagePositionPatient)
+    assert np.allclose(image.affine @ [0, 0, 0, 1], [-x0, -y0, z0, 1])  # RAS = (-L, -P, S)
+    zn = float(datasets[-1].ImagePositionPatient[2])
+    assert np.allclose((image.affine @ [0, 0, len(datasets) - 1, 1])[2], zn)
+    assert np.array_equal(load_nifti(root / "ground_truth" / "P003_baseline" / "labels.nii.gz").hu, labels)
+    lesions = [r for r in _read_tsv(root / "ground_truth" / "lesions.tsv") if r["participant_id"] == "P003"]
+    assert (labels > 0).sum() == sum(int(r["n_voxels"]) for r in lesions) > 0
+    assert set(np.unique(labels)) <= {0, 1, 2, 3, 4}
+
+
+def test_planted_identifiers_in_dicom_not_in_ground_truth(tiny_cohort):
+    root = tiny_cohort.parent
+    for row in _read_tsv(tiny_cohort):
+        files = [p for p in Path(row["dicom_dir"]).rglob("*") if p.is_file()]
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        assert ds.PatientName == f"CANARY^{row['participant_id']}" and ds.InstitutionName == "CANARY CLINIC"
+    for path in [tiny_cohort, *(root / "ground_truth").rglob("*")]:
+        if path.is_file():
+            data = path.read_bytes()
+            if path.suffix == ".gz":
+                data = gzip.decompress(data)
+            assert b"CANARY" not in data, path
+
+
+def test_demo_plans_cover_every_risk_category():
+    gated = [p for p in cohort_module._DEMO_PLANS if "calcium_score" in p.kinds]
+    categories = [ph.risk_category(p.target) for p in gated]
+    assert set(categories) == set(ph.RISK_CATEGORIES) and categories.count("0") >= 2
+    assert len({p.participant for p in cohort_module._DEMO_PLANS}) >= 12
+    kinds = {k for p in cohort_module._DEMO_PLANS for k in p.kinds}
+    assert kinds == set(cohort_module._ACQUISITIONS["demo"]) | {"localizer"}
+    assert any("calcium_score" not in p.kinds and "chest" in p.kinds for p in cohort_module._DEMO_PLANS)
+    assert any("calcium_score" not in p.kinds and "chest" not in p.kinds for p in cohort_module._DEMO_PLANS)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CACFLOW_SLOW_TESTS"), reason="~30 s: set CACFLOW_SLOW_TESTS=1")
+def test_demo_cohort_renders_every_risk_category(tmp_path):
+    manifest = generate_cohort(tmp_path, seed=0, size="demo")  # raises if a plan misses its category
+    references = _read_tsv(manifest.parent / "ground_truth" / "reference_scores.tsv")
+    scored = [r["risk_category"] for r in references if r["expected_status"] == "scored"]
+    assert set(scored) == set(ph.RISK_CATEGORIES) and scored.count("0") >= 2
