@@ -15,6 +15,9 @@ configfile: os.path.join(workflow.basedir, "config/config.yaml")
 
 validate(config, "config/schema/config.schema.yaml")
 
+# envs/cacflow.yaml installs the project from here (`--sdm conda`).
+os.environ.setdefault("CACFLOW_ROOT", workflow.basedir)
+
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"

@@ -6,7 +6,8 @@ rule train:
         weights="results/model/calciumnet.pt",
         onnx="results/model/calciumnet.onnx",
         info="results/model/model.json",
-    threads: workflow.cores
+    # A fixed request: on a cluster the core count is not known when rules are read.
+    threads: 8
     conda:
         CONDA_ENV
     log:

@@ -1,0 +1,92 @@
+# Held-out evaluation: `snakemake evaluate --cores all`.
+# Generates a cohort with a seed used nowhere else (not the demo's, not training's),
+# scores every visit with the shipped model, and compares the scores with the
+# cohort's ground truth in the form of Eng et al. 2021 (docs/evaluation.md).
+# Settings: the optional `evaluation:` config section; these are the defaults.
+
+EVALUATION = {
+    "participants": 24,
+    "seed": 777001,
+    "bootstrap": 2000,
+    "bootstrap_seed": 0,
+    **config.get("evaluation", {}),
+}
+EVALUATION_DIR = "results/evaluation"
+# Seeds the held-out cohort must not share: the demo cohort's and the training set's.
+_SEEDS_IN_USE = {config["demo"]["seed"]: "the demo cohort", 20261126: "model training"}
+if EVALUATION["seed"] in _SEEDS_IN_USE:
+    raise ValueError(
+        f"evaluation.seed {EVALUATION['seed']} is the seed of {_SEEDS_IN_USE[EVALUATION['seed']]}; "
+        "a held-out cohort needs a seed used nowhere else"
+    )
+
+
+rule evaluation_cohort:
+    """Generate the held-out cohort (DICOM, manifest, ground truth)."""
+    output:
+        manifest=f"{EVALUATION_DIR}/cohort/manifest.tsv",
+        reference=f"{EVALUATION_DIR}/cohort/ground_truth/reference_scores.tsv",
+    params:
+        participants=EVALUATION["participants"],
+        seed=EVALUATION["seed"],
+        out_dir=f"{EVALUATION_DIR}/cohort",
+    threads: 2
+    conda:
+        CONDA_ENV
+    log:
+        "results/logs/evaluation_cohort.log",
+    shell:
+        "cacflow synth {params.out_dir} --size demo --participants {params.participants} "
+        "--seed {params.seed} --workers {threads} > {log} 2>&1"
+
+
+rule evaluation_scores:
+    """Score every visit of the held-out cohort with `cacflow score-scan`'s logic
+    into a scans-like Parquet (one visit's failure is recorded, not fatal)."""
+    input:
+        manifest=rules.evaluation_cohort.output.manifest,
+    output:
+        scans=f"{EVALUATION_DIR}/scans.parquet",
+    params:
+        engine=config["engine"],
+        settings=stage_settings("qc", "scoring"),
+    threads: config["resources"]["infer_threads"]
+    resources:
+        mem_mb=config["resources"]["mem_mb"],
+        runtime=config["resources"]["runtime_min"],
+        gpu=1,
+    conda:
+        CONDA_ENV
+    log:
+        "results/logs/evaluation_scores.log",
+    shell:
+        "CACFLOW_THREADS={threads} cacflow evaluate --score-manifest {input.manifest} "
+        "--predicted {output.scans} --engine {params.engine} --settings {params.settings:q} > {log} 2>&1"
+
+
+rule evaluate:
+    """The evaluation report (HTML) and tidy metrics (CSV, Parquet)."""
+    input:
+        scans=rules.evaluation_scores.output.scans,
+        reference=rules.evaluation_cohort.output.reference,
+    output:
+        html=f"{EVALUATION_DIR}/report.html",
+        csv=f"{EVALUATION_DIR}/metrics.csv",
+        parquet=f"{EVALUATION_DIR}/metrics.parquet",
+        pairs=f"{EVALUATION_DIR}/pairs.csv",
+    params:
+        bootstrap=EVALUATION["bootstrap"],
+        bootstrap_seed=EVALUATION["bootstrap_seed"],
+        cohort=(
+            f"held-out cohort=cacflow synth --size demo --participants {EVALUATION['participants']} "
+            f"--seed {EVALUATION['seed']}"
+        ),
+        out_dir=EVALUATION_DIR,
+    conda:
+        CONDA_ENV
+    log:
+        "results/logs/evaluate.log",
+    shell:
+        "cacflow evaluate --predicted {input.scans} --reference {input.reference} "
+        "--out-dir {params.out_dir} --bootstrap {params.bootstrap} --seed {params.bootstrap_seed} "
+        "--run-info {params.cohort:q} > {log} 2>&1"
