@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage, signal
 
 from cacflow.coca import read_dicom_series
-from cacflow.scoring import ScoringSettings, score_volume
+from cacflow.scoring import ScoringSettings, ScanScore, score_volume
 from cacflow.volume import Volume
 
 # Detection works on images smoothed in-plane with this sigma: it removes the
@@ -321,6 +321,9 @@ def measure_inserts(
 ) -> list[dict]:
     """Volume and mass of the nine CCI inserts, scored with :func:`score_volume`.
 
+    Each row gives the mass by ``settings.mass_method`` (``mass_mg``) and, for
+    comparison, by the threshold definition (``threshold_mass_mg``) and the
+    conventional c x mean HU x volume (``conventional_mass_mg``).
     The three large inserts are the three largest compact bright objects; their
     mean HU orders them low, medium, high density; the insert centre is their
     circumcentre, and the layout gives the medium and small inserts' places.
@@ -360,15 +363,21 @@ def measure_inserts(
             nearby = [c for c in compact_centroids.values() if np.hypot(*(c - predicted)) * pixel_mm <= 2]
             centre = min(nearby, key=lambda c: np.hypot(*(c - predicted))) if nearby else predicted
             labels = _insert_labels(volume, settings.threshold_hu, centre, diameter / 2, slab)
-            scan = score_volume(
-                volume.hu,
-                labels,
-                volume.spacing_mm,
-                settings,
-                kvp=kvp,
-                slice_thickness_mm=volume.slice_thickness_mm,
-                z_positions_mm=volume.z_positions_mm,
-            )
+
+            def scored(mass_method: str) -> ScanScore:
+                return score_volume(
+                    volume.hu,
+                    labels,
+                    volume.spacing_mm,
+                    replace(settings, mass_method=mass_method),
+                    kvp=kvp,
+                    slice_thickness_mm=volume.slice_thickness_mm,
+                    z_positions_mm=volume.z_positions_mm,
+                )
+
+            scan = scored(settings.mass_method)
+            # The threshold definition, for comparison: c x (mean HU - water HU) x volume.
+            threshold_mass = scan.mass_mg if settings.mass_method == "threshold" else scored("threshold").mass_mg
             nominal_volume = math.pi * (diameter / 2) ** 2 * diameter
             row = {
                 "insert": f"{size}-{density}",
@@ -383,13 +392,17 @@ def measure_inserts(
                 "volume_mm3": scan.volume_mm3,
                 "nominal_volume_mm3": nominal_volume,
                 "mass_mg": scan.mass_mg,
-                # The conventional definition without the water offset, for comparison.
-                "mass_without_water_subtraction_mg": scan.mass_mg
+                "mass_method": scan.mass_method,
+                "threshold_mass_mg": threshold_mass,
+                # The conventional c x mean HU x volume (no water offset), as the MolloiLab software.
+                "conventional_mass_mg": threshold_mass
                 + settings.mass_calibration_mg_per_hu_mm3 * settings.mass_calibration_water_hu * scan.volume_mm3,
             }
             if (size, density) in reference:
                 physical = reference[(size, density)]
                 row["physical_mass_mg"] = physical
                 row["mass_error_pct"] = 100.0 * (scan.mass_mg - physical) / physical
+                row["threshold_mass_error_pct"] = 100.0 * (threshold_mass - physical) / physical
+                row["conventional_mass_error_pct"] = 100.0 * (row["conventional_mass_mg"] - physical) / physical
             results.append(row)
     return results

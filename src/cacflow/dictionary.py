@@ -32,13 +32,20 @@ CSV_FIELDS = ("table", "column", "type", "unit", "definition", "allowed_values")
 
 # The mass formula lives here only; the column definitions point to it.
 MASS_SCORE_DEFINITION = (
-    "Calcium mass score (mg of calcium hydroxyapatite) = c x sum over lesions of "
-    "(mean HU of the lesion's pixels x lesion volume in mm^3), where c is the "
-    "calibration factor in mg/(HU*mm^3), c = rho_HA / (HU_HA - HU_water) with rho_HA in mg/mm^3, "
-    "measured on a calibration phantom of known hydroxyapatite density; it is scanner- and "
-    "kVp-specific. The factor used is stored in mass_calibration_mg_per_hu_mm3 and "
-    "its origin in mass_calibration_source. Without a calibration, mass_mg is null: "
-    "no default factor is ever assumed."
+    "Calcium mass score (mg of calcium hydroxyapatite). Default method 'integrated' "
+    "(mass_method): per lesion, c x voxel volume x sum of (HU - local background HU) over "
+    "the lesion's pixels plus a margin of mass_margin_mm (default 1 mm, which covers the "
+    "in-plane blur of a standard kernel) in its own slice and over the same footprint in "
+    "the neighbouring slices (floor(thickness / increment) on each side), each voxel "
+    "counted for one lesion only; the background is the median HU of a ring "
+    "(mass_ring_mm, default 2 mm) around the margin, without calcium; a lesion's mass is "
+    "at least 0. Method 'threshold': c x (mean HU of the lesion's pixels) x lesion volume. "
+    "c is the calibration factor in mg/(HU*mm^3), c = rho_HA / (HU_HA - HU_water) with "
+    "rho_HA in mg/mm^3, measured on a calibration phantom of known hydroxyapatite density; "
+    "it is scanner- and kVp-specific. The factor used is stored in "
+    "mass_calibration_mg_per_hu_mm3 and its origin in mass_calibration_source. Without a "
+    "calibration for the scan's kVp, mass_mg is null: no default factor is ever assumed. "
+    "Validation on a real QRM phantom scan is in docs/scoring.md."
 )
 
 DEFINITIONS: dict[str, str] = {

@@ -60,6 +60,17 @@ def read_rows(path: str | Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+def _fresh_folder(folder: str | Path) -> None:
+    """Empty a stage's image folder before the stage (re)runs: volumes of an earlier
+    run must not outlive it."""
+    import shutil
+
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+
+
 def _failure_reason(stage: str, error: BaseException) -> str:
     log.error("%s failed:\n%s", stage, "".join(traceback.format_exception(error)))
     return f"{stage} failed: {error}"
@@ -67,13 +78,19 @@ def _failure_reason(stage: str, error: BaseException) -> str:
 
 # --- plan ------------------------------------------------------------------------
 
-def stage_plan(manifest_path: Path, shards_dir: Path, shard_size: int, out_plan: Path) -> None:
-    from cacflow.manifest import read_manifest
+def stage_plan(manifest_path: Path, shards_dir: Path, shard_size: int, out_plan: Path,
+               withdrawals_path: Path | None = None) -> None:
+    from cacflow.manifest import read_manifest, read_withdrawals
     from cacflow.sharding import plan_shards, write_plan
 
     entries, warnings = read_manifest(manifest_path)
     for warning in warnings:
         log.warning("manifest %s", warning)
+    withdrawn = read_withdrawals(withdrawals_path)
+    if withdrawn:
+        kept = [entry for entry in entries if entry.participant_id not in withdrawn]
+        log.info("withdrawals: %d manifest rows of withdrawn participants are not scheduled", len(entries) - len(kept))
+        entries = kept
     plan = plan_shards(entries, shards_dir, shard_size)
     write_plan(plan, out_plan)
     log.info("plan: %d visits in %d shards", len(plan), len({shard for shard, _ in plan}))
@@ -247,7 +264,7 @@ def convert_visit(visit: dict, nifti_dir: Path) -> dict:
 
 def stage_convert(visits_path: Path, nifti_dir: Path, out_visits: Path) -> None:
     visits = read_rows(visits_path)
-    Path(nifti_dir).mkdir(parents=True, exist_ok=True)
+    _fresh_folder(nifti_dir)
     todo = [visit for visit in visits if visit["status"] == PENDING]
     progress = Progress("convert", len(todo), log)
     for visit in todo:
@@ -295,7 +312,7 @@ def stage_infer(visits_path: Path, engine_kind: str, settings: dict, labels_dir:
     from cacflow.convert import load_volume
 
     visits = read_rows(visits_path)
-    Path(labels_dir).mkdir(parents=True, exist_ok=True)
+    _fresh_folder(labels_dir)
     inferer = Inferer(engine_kind, settings)
     todo = [visit for visit in visits if visit["status"] == PENDING]
     progress = Progress("infer", len(todo), log)
@@ -347,7 +364,7 @@ def load_labels(path: str | Path) -> np.ndarray:
 SCAN_SCORE_FIELDS = (
     "agatston_total", "agatston_lm", "agatston_lad", "agatston_lcx", "agatston_rca", "volume_mm3", "mass_mg",
     "lesion_count", "risk_category", "cac_drs", "threshold_hu", "kvp_adjusted",
-    "mass_calibration_mg_per_hu_mm3", "mass_calibration_source",
+    "mass_calibration_mg_per_hu_mm3", "mass_calibration_source", "mass_method",
 )
 LESION_FIELDS = (
     "lesion_id", "vessel", "slice_index", "z_mm", "area_mm2", "peak_hu", "mean_hu", "density_weight",
@@ -374,6 +391,9 @@ def scoring_settings_for(settings: dict, kvp: float | None):
         min_area_mm2=float(scoring["min_area_mm2"]),
         reference_increment_mm=float(scoring["reference_increment_mm"]),
         kvp_adjusted_thresholds=bool(scoring["kvp_adjusted_thresholds"]),
+        mass_method=scoring.get("mass_method", "integrated"),
+        mass_margin_mm=float(scoring.get("mass_margin_mm", 1.0)),
+        mass_ring_mm=float(scoring.get("mass_ring_mm", 2.0)),
         mass_calibration_mg_per_hu_mm3=calibration["mg_per_hu_mm3"] if calibration else None,
         mass_calibration_source=f"config: {calibration['source']}" if calibration else
         f"none: no calibration configured for {kvp if kvp is not None else 'unknown'} kVp",
@@ -477,13 +497,22 @@ def read_reference(paths: list[Path]) -> dict[tuple[str, str], dict]:
 
 
 def stage_aggregate(scan_paths, lesion_paths, series_paths, reference_paths, withdrawals_path, out_dir,
-                    plan_path: Path | None = None) -> None:
-    from cacflow import tables
+                    plan_path: Path | None = None, history_dir: Path | None = None) -> None:
+    """Cohort tables from the shards, after applying withdrawals; then record the update."""
+    from cacflow import history, tables
     from cacflow.manifest import read_withdrawals
     from cacflow.sharding import read_plan_keys
+    from cacflow.withdrawals import purge_shards
 
     out_dir = Path(out_dir)
+    history_dir = Path(history_dir or out_dir.parent / "history")
     withdrawn = read_withdrawals(withdrawals_path)
+    shards_dir = Path(scan_paths[0]).parents[2] if scan_paths else None
+    if withdrawn and shards_dir is not None:
+        n_visits, n_files = purge_shards(shards_dir, withdrawn)
+        log.info("withdrawals: %d withdrawn participants listed; %d of their visits removed from the shards, "
+                 "%d derived image files deleted; none of their rows is in any cohort table",
+                 len(withdrawn), n_visits, n_files)
     current = read_plan_keys(plan_path) if plan_path else None
 
     def keep(row: dict) -> bool:
@@ -508,13 +537,27 @@ def stage_aggregate(scan_paths, lesion_paths, series_paths, reference_paths, wit
     series_columns = tables.schema("series").names
     series = [series_table_row(row, _shard_of(path), series_columns)
               for path in series_paths for row in read_rows(path) if keep(row)]
-    removed = sorted({row["participant_id"] for path in scan_paths for row in read_rows(path)} & withdrawn)
-    if removed:
-        log.info("withdrawals: %d participants removed from every cohort table", len(removed))
     tables.write_table("scans", scans, out_dir / "scans.parquet")
     tables.write_table("lesions", lesions, out_dir / "lesions.parquet")
     tables.write_table("series", series, out_dir / "series.parquet")
+    record = history.record_update(history_dir, scans, withdrawn, _provenance(scans))
+    history.purge_withdrawn(history_dir, withdrawn)  # after counting them in this update
+    tables.write_table("runs", history.runs_rows(history_dir), out_dir / "runs.parquet")
+    log.info("update %s: %d added, %d rescored, %d removed (%d withdrawn), %d failed",
+             record["run_id"], record["n_added"], record["n_rescored"], record["n_removed"],
+             record["n_withdrawn"], len(record["failed_scans"]))
     _log_summary(scans, reference)
+
+
+def _provenance(scans: list[dict]) -> dict:
+    """Provenance of an update: that of its scored rows (one model and engine per run)."""
+    def most_common(column):
+        values = [row.get(column) for row in scans if row.get(column)]
+        return max(set(values), key=values.count) if values else None
+
+    return {"pipeline_version": __version__, "model_version": most_common("model_version"),
+            "model_sha256": most_common("model_sha256"), "engine": most_common("engine"),
+            "settings_hash": most_common("settings_hash")}
 
 
 def _log_summary(scans: list[dict], reference: dict) -> None:

@@ -232,6 +232,8 @@ SCANS: list[Column] = [
         "Where the mass calibration factor came from (e.g. a phantom scan or a "
         "configured per-scanner value); null when no mass score was computed.",
     ),
+    _c("mass_method", _STR, "", "How mass_mg was computed: 'integrated' or 'threshold' (see the "
+       "Mass score definition); null when no mass score was computed.", ("integrated", "threshold")),
     _c(
         "engine", _STR, "",
         "Inference engine that produced the vessel labels, "
@@ -433,11 +435,20 @@ RUNS: list[Column] = [
     ),
     _c("n_failed", _I32, "", "Scans with status 'failed' after the update.", min_value=0),
     _c("n_added", _I32, "", "Scans added by the update.", min_value=0),
+    _c("n_rescored", _I32, "", "Scans processed again by the update (a changed model, setting or code).",
+       min_value=0),
     _c(
         "n_removed", _I32, "",
-        "Scans removed by the update (e.g. withdrawn participants).",
+        "Scans removed by the update (withdrawn participants and visits no longer in the manifest).",
         min_value=0,
     ),
+    _c("n_withdrawn", _I32, "", "Scans removed because their participant withdrew.", min_value=0),
+    _c("added_scans", _STR, "", "The scans added, as 'participant_id/visit' joined by ';'."),
+    _c("rescored_scans", _STR, "", "The scans processed again, as 'participant_id/visit' joined by ';'."),
+    _c("failed_scans", _STR, "", "Scans added or rescored whose status is 'failed', as 'participant_id/visit' "
+       "joined by ';'."),
+    _c("removed_scans", _STR, "", "Scans that left the manifest, as 'participant_id/visit' joined by ';'. "
+       "Withdrawn participants are counted in n_withdrawn and never listed."),
 ]
 
 TABLES: dict[str, list[Column]] = {

@@ -10,17 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
+from scipy.special import erf
 
 from cacflow import cli
 from cacflow.calibration import (
     CCI_DENSITY_MG_CM3,
     CCI_DIAMETER_MM,
     CCI_RADIAL_FRACTION,
+    _insert_labels,
     calibrate_volume,
     measure_inserts,
     measure_phantom_inserts,
 )
-from cacflow.scoring import ScoringSettings
+from cacflow.scoring import ScoringSettings, score_volume
 from cacflow.volume import Volume
 
 PIXEL_MM = 0.5
@@ -129,17 +132,22 @@ def cci_phantom(c=0.0007, water_hu=0.0):
     return Volume(hu=hu, spacing_mm=(1.0, PIXEL_MM, PIXEL_MM)), exact
 
 
+@pytest.mark.parametrize("method", ["integrated", "threshold"])
 @pytest.mark.parametrize("water_hu", [0.0, 35.0])
-def test_insert_masses_are_exact_without_blur(water_hu):
+def test_insert_masses_are_exact_without_blur(water_hu, method):
     volume, exact = cci_phantom(water_hu=water_hu)
-    settings = ScoringSettings(mass_calibration_mg_per_hu_mm3=0.0007, mass_calibration_water_hu=water_hu)
+    settings = ScoringSettings(
+        mass_calibration_mg_per_hu_mm3=0.0007, mass_calibration_water_hu=water_hu, mass_method=method
+    )
     rows = measure_inserts(volume, settings, reference=exact)
     assert [row["insert"] for row in rows] == [
         f"{size}-{density}" for density in CCI_DENSITY_MG_CM3 for size in CCI_DIAMETER_MM
     ]
     for row in rows:
         assert row["detected"], row["insert"]
+        assert row["mass_method"] == method
         assert row["mass_error_pct"] == pytest.approx(0.0, abs=1e-3), row["insert"]
+        assert row["threshold_mass_error_pct"] == pytest.approx(0.0, abs=1e-3), row["insert"]
 
 
 def test_inserts_need_a_calibration():
@@ -191,32 +199,99 @@ def test_phantom_large_and_medium_inserts_are_found(phantom_inserts):
             assert phantom_inserts[f"{size}-{density}"]["detected"], f"{size}-{density}"
 
 
-def test_water_subtraction_brings_every_large_and_medium_mass_closer_to_physical(phantom_inserts):
+def test_integrated_mass_is_closer_to_physical_than_the_conventional_mass(phantom_inserts):
     for size in ("large", "medium"):
         for density in CCI_DENSITY_MG_CM3:
             row = phantom_inserts[f"{size}-{density}"]
-            conventional = abs(row["mass_without_water_subtraction_mg"] - row["physical_mass_mg"])
-            assert abs(row["mass_mg"] - row["physical_mass_mg"]) < conventional, row["insert"]
+            assert row["mass_method"] == "integrated"
+            assert abs(row["mass_error_pct"]) < abs(row["conventional_mass_error_pct"]), row["insert"]
 
 
-# Threshold-based mass misses the blur below 130 HU and counts the 30 HU of the
-# resin around the inserts as calcium; on this 3 mm scan the net is +9 to +13 %
-# for four inserts (docs/scoring.md, "Phantom validation"). The bound stays 10 %.
-_OVER_10_PCT = "measured +10.4 to +12.6 % on this scan; see docs/scoring.md, Phantom validation"
+# Integrated mass (docs/scoring.md, "Phantom validation"): on this scan five of the six
+# large and medium inserts are within 10 %; medium-medium measures +16.3 %, and +10.8 to
+# +24.4 % under every margin (0.5-1.5 mm), ring (1-3 mm) and through-plane variant tried.
+# Synthetic inserts with this scan's blur in its own noise give an unbiased mass with a
+# 9 % standard deviation for that insert: noise, which no constant removes honestly.
+_MEDIUM_MEDIUM = "measured +16.3 % on this scan (noise SD about 9 %); see docs/scoring.md, Phantom validation"
 
 
 @pytest.mark.parametrize(
     "insert",
     [
-        pytest.param("large-low", marks=pytest.mark.xfail(strict=True, reason=_OVER_10_PCT)),
+        "large-low",
         "large-medium",
-        pytest.param("large-high", marks=pytest.mark.xfail(strict=True, reason=_OVER_10_PCT)),
+        "large-high",
         "medium-low",
-        pytest.param("medium-medium", marks=pytest.mark.xfail(strict=True, reason=_OVER_10_PCT)),
-        pytest.param("medium-high", marks=pytest.mark.xfail(strict=True, reason=_OVER_10_PCT)),
+        pytest.param("medium-medium", marks=pytest.mark.xfail(strict=True, reason=_MEDIUM_MEDIUM)),
+        "medium-high",
     ],
 )
 def test_phantom_mass_within_10_percent_of_physical(phantom_inserts, insert):
     row = phantom_inserts[insert]
     print(f"{insert}: {row['mass_mg']:.2f} mg vs {row['physical_mass_mg']} mg ({row['mass_error_pct']:+.1f} %)")
     assert abs(row["mass_error_pct"]) <= 10.0
+
+
+# --- the same check on synthetic inserts in this scan's own noise ------------------------
+
+PSF_SIGMA_MM = 0.65  # in-plane Gaussian fitted to the HA rod's and large inserts' edges on this scan
+SLAB_EDGE_SIGMA_MM = 0.4  # blur of a 3 mm slab's edges (the large inserts' slice shares fit a sharp slab)
+
+
+@pytest.fixture(scope="module")
+def phantom_volume():
+    if not PHANTOM.is_dir():
+        pytest.skip(f"the real QRM phantom scan is not at {PHANTOM}")
+    from cacflow.coca import read_dicom_series
+
+    return read_dicom_series(PHANTOM).volume
+
+
+def _blurred_cylinder(shape, centre_yx, diameter_mm, start_mm, excess_hu, pixel_mm, increment_mm):
+    """Excess HU of a cylinder along z (length = diameter) seen through this scan's blur."""
+    supersample = 5
+    rows, cols = np.mgrid[: shape[1] * supersample, : shape[2] * supersample]
+    rows, cols = (rows + 0.5) / supersample - 0.5, (cols + 0.5) / supersample - 0.5
+    inside = np.hypot(rows - centre_yx[0], cols - centre_yx[1]) * pixel_mm <= diameter_mm / 2
+    disc = inside.reshape(shape[1], supersample, shape[2], supersample).mean(axis=(1, 3))
+    disc = ndimage.gaussian_filter(disc, PSF_SIGMA_MM / pixel_mm, mode="constant")
+    z = np.linspace(-increment_mm / 2, increment_mm / 2, 301)
+    share = []
+    for k in range(shape[0]):  # fraction of slab k the blurred cylinder fills
+        edge = np.sqrt(2) * SLAB_EDGE_SIGMA_MM
+        inside_z = 0.5 * (erf((k * increment_mm + z - start_mm) / edge)
+                          - erf((k * increment_mm + z - start_mm - diameter_mm) / edge))
+        share.append(inside_z.mean())
+    return excess_hu * np.array(share)[:, None, None] * disc[None]
+
+
+@pytest.mark.parametrize("size", ["large", "medium"])
+@pytest.mark.parametrize("density", list(CCI_DENSITY_MG_CM3))
+def test_integrated_mass_is_unbiased_on_synthetic_inserts_in_the_phantoms_noise(phantom_volume, size, density):
+    """Known inserts (this scan's c, blur and slices) added to its own resin, away from the real inserts.
+
+    Slices 12-19 hold only resin (74 HU, noise SD 21 HU); the mean error over many positions
+    shows the bias of the definition, the spread the noise a single insert measurement carries.
+    """
+    pixel_mm, increment = phantom_volume.spacing_mm[1], phantom_volume.spacing_mm[0]
+    c = 0.000721  # this scan's calibration (test_phantom_calibration_agrees_with_molloilab)
+    settings = ScoringSettings(mass_calibration_mg_per_hu_mm3=c, mass_calibration_water_hu=30.5)
+    diameter, rho = CCI_DIAMETER_MM[size], CCI_DENSITY_MG_CM3[density]
+    exact = rho / 1000 * math.pi * (diameter / 2) ** 2 * diameter
+    rng = np.random.default_rng(7)
+    errors = []
+    for _ in range(40):
+        angle, radius = rng.uniform(0, 2 * math.pi), rng.uniform(0, 30)  # within the insert body
+        cy, cx = 215 + radius / pixel_mm * math.sin(angle), 240 + radius / pixel_mm * math.cos(angle)
+        y0, x0, z0 = int(cy) - 30, int(cx) - 30, int(rng.integers(12, 14))
+        patch = phantom_volume.hu[z0 : z0 + 7, y0 : y0 + 60, x0 : x0 + 60].astype(np.float64)
+        centre = (cy - y0, cx - x0)
+        start = 3 * increment + rng.uniform(-increment / 2, increment / 2) - diameter / 2  # about slice 3
+        patch += _blurred_cylinder(patch.shape, centre, diameter, start, rho / 1000 / c, pixel_mm, increment)
+        volume = Volume(hu=patch.astype(np.float32), spacing_mm=phantom_volume.spacing_mm, slice_thickness_mm=3.0)
+        labels = _insert_labels(volume, 130.0, np.array(centre), diameter / 2, range(2, 5))
+        scan = score_volume(volume.hu, labels, volume.spacing_mm, settings, slice_thickness_mm=3.0)
+        errors.append(100 * (scan.mass_mg - exact) / exact)
+    mean, sd = float(np.mean(errors)), float(np.std(errors))
+    print(f"{size}-{density}: mean {mean:+.1f} %, SD {sd:.1f} %")
+    assert abs(mean) <= max(3.0, 3 * sd / math.sqrt(len(errors)))

@@ -18,6 +18,7 @@ from cacflow import VESSEL_LABELS, cli
 from cacflow.nifti_io import load_nifti, save_nifti
 from cacflow.scoring import (
     ScoringSettings,
+    adjacent_slices,
     cac_drs,
     density_weight,
     kvp_adjusted_levels,
@@ -169,25 +170,247 @@ def test_z_mm_defaults_to_index_times_increment():
     assert score_volume(hu, labels, (2.5, PIXEL, PIXEL)).lesions[0].z_mm == pytest.approx(5.0)
 
 
-def test_mass_with_a_given_calibration():
-    hu, labels = blank()
-    hu[1, 4:7, 4:7] = 400
-    volume = 9 * 0.25 * 3.0
-    plain = ScoringSettings(mass_calibration_mg_per_hu_mm3=0.001, mass_calibration_source="cli")
-    result = score_volume(hu, labels, SPACING, plain)
-    assert result.mass_mg == pytest.approx(0.001 * 400 * volume)
-    assert result.lesions[0].mass_mg == pytest.approx(0.001 * 400 * volume)
-    assert result.mass_calibration_source == "cli" and result.mass_calibration_mg_per_hu_mm3 == 0.001
-    water = ScoringSettings(mass_calibration_mg_per_hu_mm3=0.001, mass_calibration_water_hu=30.0)
-    assert score_volume(hu, labels, SPACING, water).mass_mg == pytest.approx(0.001 * (400 - 30) * volume)
+# --- mass ---------------------------------------------------------------------------
+#
+# Integrated mass (docs/scoring.md, Mass score): per lesion, c x voxel volume x the sum
+# of (HU - local background) over the voxels within the margin (1 mm) of its pixels on
+# its slice and over the same footprint on the adjacent slice on each side; the
+# background is the median of the ring 1-3 mm from its pixels. With 0.5 mm pixels a
+# pixel lies within 1 mm of a 3 x 3 block when its row and column offsets (dy, dx)
+# from the block satisfy dy^2 + dx^2 <= 4: the block (9), two rows or columns of 3
+# beyond each side (24) and one pixel at each corner (4), 37 in all, 28 outside it.
+
+C = 0.001  # mg HA per HU per mm^3
+VOXEL_MM3 = PIXEL * PIXEL * 3.0  # 0.75 mm^3
+BLOCK = (slice(10, 13), slice(10, 13))  # 3 x 3 pixels, clear of the border by more than 3 mm
+IN_MARGIN, AROUND_BLOCK = 37, 28
 
 
-def test_mass_uses_each_lesions_own_mean():
+def calibrated(**options):
+    return ScoringSettings(mass_calibration_mg_per_hu_mm3=C, **options)
+
+
+def distance_to_block_mm(shape=(24, 24), block=BLOCK):
+    """Distance (mm) from each pixel centre to the nearest pixel centre of the block, brute force."""
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    by, bx = np.mgrid[block]
+    d = np.hypot(rows[..., None] - by.ravel(), cols[..., None] - bx.ravel()) * PIXEL
+    return d.min(axis=-1)
+
+
+def test_pixel_counts_within_the_margin_of_a_block():
+    d = distance_to_block_mm()
+    assert (d <= 1.0).sum() == IN_MARGIN and ((d > 0) & (d <= 1.0)).sum() == AROUND_BLOCK
+
+
+def test_uniform_block_on_a_zero_background_has_the_exact_mass():
+    hu, labels = blank(ny=24, nx=24)
+    hu[:] = 0.0
+    hu[1][BLOCK] = 400
+    volume = 9 * VOXEL_MM3  # 6.75 mm^3
+    result = score_volume(hu, labels, SPACING, calibrated(mass_calibration_source="cli"))
+    assert result.mass_mg == pytest.approx(C * 400 * volume)  # 2.7 mg: the margin and ring hold 0 HU
+    assert result.lesions[0].mass_mg == pytest.approx(C * 400 * volume)
+    assert result.lesions[0].mass_background_hu == 0
+    assert (result.mass_method, result.mass_margin_mm, result.mass_ring_mm, result.mass_adjacent_slices) == (
+        "integrated", 1.0, 2.0, 1)
+    assert result.mass_calibration_source == "cli" and result.mass_calibration_mg_per_hu_mm3 == C
+    threshold = score_volume(hu, labels, SPACING, calibrated(mass_method="threshold"))
+    assert threshold.mass_mg == pytest.approx(C * 400 * volume)  # both definitions agree without blur
+    assert threshold.mass_method == "threshold"
+    assert (threshold.mass_margin_mm, threshold.mass_ring_mm, threshold.mass_adjacent_slices) == (None, None, None)
+    assert threshold.lesions[0].mass_background_hu is None
+
+
+def test_the_local_background_is_subtracted_not_water():
+    hu, labels = blank(ny=24, nx=24)  # soft tissue at 40 HU
+    hu[1][BLOCK] = 400
+    volume = 9 * VOXEL_MM3
+    for water_hu in (0.0, 30.0):  # the background, not the calibration's water, is the zero
+        result = score_volume(hu, labels, SPACING, calibrated(mass_calibration_water_hu=water_hu))
+        assert result.lesions[0].mass_background_hu == 40
+        assert result.mass_mg == pytest.approx(C * (400 - 40) * volume)
+    # The threshold definition keeps the calibration line's zero: c x (mean HU - water HU) x volume.
+    threshold = score_volume(hu, labels, SPACING, calibrated(mass_method="threshold", mass_calibration_water_hu=30.0))
+    assert threshold.mass_mg == pytest.approx(C * (400 - 30) * volume)
+
+
+def test_blur_below_the_threshold_within_the_margin_is_counted():
+    hu, labels = blank(ny=24, nx=24)
+    hu[1, 9:14, 9:14] = 100  # a one-pixel halo of 100 HU (0.5-0.7 mm out), 16 pixels
+    hu[1][BLOCK] = 400
+    result = score_volume(hu, labels, SPACING, calibrated())
+    assert result.mass_mg == pytest.approx(C * VOXEL_MM3 * (9 * (400 - 40) + 16 * (100 - 40)))
+    threshold = score_volume(hu, labels, SPACING, calibrated(mass_method="threshold"))
+    assert threshold.mass_mg == pytest.approx(C * VOXEL_MM3 * 9 * 400)  # the halo is lost
+
+
+def test_the_background_is_the_median_of_the_ring_just_outside_the_margin():
+    hu, labels = blank(ny=24, nx=24)
+    d = distance_to_block_mm()
+    hu[1][(d > 1.0) & (d <= 3.0)] = 60  # the ring
+    hu[1][BLOCK] = 400
+    result = score_volume(hu, labels, SPACING, calibrated())
+    assert result.lesions[0].mass_background_hu == 60
+    # The 28 pixels of the margin at 40 HU lie 20 HU below that background.
+    assert result.mass_mg == pytest.approx(C * VOXEL_MM3 * (9 * (400 - 60) + AROUND_BLOCK * (40 - 60)))
+
+
+def test_the_ring_and_the_region_leave_out_other_calcium():
+    hu, labels = blank(ny=24, nx=24, vessel=0)
+    labels[1][BLOCK] = LAD
+    d = distance_to_block_mm()
+    bone = (d > 0) & (np.mgrid[:24, :24][1] >= 10)  # 700 HU outside the coronary labels, right of the block
+    hu[1][bone] = 700
+    hu[1][BLOCK] = 400
+    ring = (d > 1.0) & (d <= 3.0)
+    assert np.median(hu[1][ring]) == 700  # most of the ring is bone: it must not be the background
+    result = score_volume(hu, labels, SPACING, calibrated())
+    assert result.lesion_count == 1 and result.lesions[0].mass_background_hu == 40
+    # Bone pixels within the margin are not calcium of this lesion either; the others are 40 HU.
+    assert result.mass_mg == pytest.approx(C * VOXEL_MM3 * 9 * (400 - 40))
+
+
+def test_neighbouring_lesions_share_the_blur_between_them_without_double_counting():
+    hu, labels = blank(ny=24, nx=24)
+    hu[1, 10:12, 6:8] = 400  # lesion A, 2 x 2 pixels (1 mm^2)
+    hu[1, 10:12, 11:13] = 400  # lesion B, three pixels (1.5 mm) to the right
+    hu[1, 10:12, 8:11] = 100  # blur between them: 6 pixels, each within 1 mm of A, of B, or both
+    result = score_volume(hu, labels, SPACING, calibrated())
+    assert result.lesion_count == 2
+    assert [lesion.mass_background_hu for lesion in result.lesions] == [40, 40]
+    assert result.mass_mg == pytest.approx(C * VOXEL_MM3 * (8 * (400 - 40) + 6 * (100 - 40)))
+    # Column 8 is nearer A, column 10 nearer B; column 9 is as near to both and goes to one of them.
+    own, shared = C * VOXEL_MM3 * (4 * 360 + 2 * 60), C * VOXEL_MM3 * 2 * 60
+    masses = sorted(lesion.mass_mg for lesion in result.lesions)
+    assert masses == pytest.approx([own, own + shared])
+
+
+def test_through_plane_partial_volume_on_the_adjacent_slices_is_counted():
+    hu, labels = blank(nz=5, ny=24, nx=24)
+    hu[1][BLOCK] = 100  # the ends of the calcification, below the threshold
+    hu[2][BLOCK] = 400
+    hu[3][BLOCK] = 100
+    hu[0][BLOCK] = 100  # two slices away: outside the lesion's reach for contiguous slices
+    result = score_volume(hu, labels, SPACING, calibrated(), slice_thickness_mm=3.0)
+    assert result.lesion_count == 1 and result.mass_adjacent_slices == 1
+    assert result.mass_mg == pytest.approx(C * VOXEL_MM3 * (9 * 360 + 2 * 9 * 60))
+    # 3 mm slices every 1.5 mm: the slices within one thickness (two on each side) count.
+    overlapping = score_volume(hu, labels, (1.5, PIXEL, PIXEL), calibrated(), slice_thickness_mm=3.0)
+    assert overlapping.mass_adjacent_slices == 2
+    assert overlapping.mass_mg == pytest.approx(C * PIXEL * PIXEL * 1.5 * (9 * 360 + 3 * 9 * 60))
+
+
+def test_an_adjacent_slice_with_its_own_lesion_is_not_counted_twice():
+    hu, labels = blank(nz=5, ny=24, nx=24)
+    hu[1][BLOCK] = 100
+    hu[2][BLOCK] = 400
+    hu[3][BLOCK] = 200  # a lesion of its own
+    result = score_volume(hu, labels, SPACING, calibrated())
+    assert [lesion.slice_index for lesion in result.lesions] == [2, 3]
+    first, second = (lesion.mass_mg for lesion in result.lesions)
+    assert first == pytest.approx(C * VOXEL_MM3 * (9 * 360 + 9 * 60))  # its slice and slice 1
+    assert second == pytest.approx(C * VOXEL_MM3 * 9 * 160)  # its slice; slice 4 holds nothing
+    # A slice between two lesions goes to the lower one.
+    hu[3][BLOCK] = 400
+    hu[1][BLOCK] = 400
+    hu[2][BLOCK] = 100
+    tie = score_volume(hu, labels, SPACING, calibrated())
+    assert [lesion.slice_index for lesion in tie.lesions] == [1, 3]
+    assert [lesion.mass_mg for lesion in tie.lesions] == pytest.approx(
+        [C * VOXEL_MM3 * (9 * 360 + 9 * 60), C * VOXEL_MM3 * 9 * 360]
+    )
+
+
+@pytest.mark.parametrize(
+    "increment, thickness, slices", [(3.0, 3.0, 1), (3.0, None, 1), (1.5, 3.0, 2), (1.0, 3.0, 3), (3.0, 1.0, 1)]
+)
+def test_adjacent_slices_cover_one_slice_thickness(increment, thickness, slices):
+    assert adjacent_slices(increment, thickness) == slices
+
+
+def test_a_lesion_never_has_a_negative_mass():
+    hu, labels = blank(ny=24, nx=24)
+    d = distance_to_block_mm()
+    hu[1][(d > 0) & (d <= 1.0)] = -500  # e.g. lung or air right next to a faint spot
+    hu[1][BLOCK] = 140
+    result = score_volume(hu, labels, SPACING, calibrated())
+    assert 9 * (140 - 40) + AROUND_BLOCK * (-500 - 40) < 0
+    assert result.lesions[0].mass_mg == 0 and result.mass_mg == 0
+
+
+def test_the_background_is_never_below_the_calibrations_water():
+    hu, labels = blank(ny=24, nx=24)
+    d = distance_to_block_mm()
+    hu[1][d > 1.0] = -100  # fat around a vessel wall of 40 HU
+    hu[1][BLOCK] = 400
+    result = score_volume(hu, labels, SPACING, calibrated(mass_calibration_water_hu=0.0))
+    assert result.lesions[0].mass_background_hu == 0
+    assert result.mass_mg == pytest.approx(C * VOXEL_MM3 * (9 * 400 + AROUND_BLOCK * 40))
+
+
+def blurred_disc(n=48, diameter_mm=3.0, height_hu=400.0, sigma_mm=0.65, supersample=8):
+    """A disc blurred by a Gaussian point spread (sigma 0.65 mm, as measured on the QRM scan).
+
+    Returns the image and the disc's exact area in pixels (supersampled coverage).
+    """
+    y, x = np.mgrid[0 : n * supersample, 0 : n * supersample]
+    centre = (n - 1) / 2 + 0.3  # off the pixel grid
+    inside = np.hypot((y + 0.5) / supersample - 0.5 - centre, (x + 0.5) / supersample - 0.5 - centre)
+    coverage = (inside * PIXEL <= diameter_mm / 2).reshape(n, supersample, n, supersample).mean(axis=(1, 3))
+    return height_hu * ndimage.gaussian_filter(coverage, sigma_mm / PIXEL, mode="constant"), coverage.sum()
+
+
+def test_integrated_mass_of_a_blurred_calcification_is_nearly_exact():
+    image, area_px = blurred_disc()
+    exact = C * 400 * area_px * VOXEL_MM3
+    hu = np.full((3, 48, 48), 70.0, dtype=np.float32)  # a background that is not water
+    hu[1] += image
+    labels = np.full(hu.shape, LAD, dtype=np.int16)
+    # Beyond the 130 HU contour (outside the disc's edge here) plus 1 mm = 1.5 sigma, a
+    # Gaussian-blurred edge of height H holds H x sigma x (phi(1.5) - 1.5 Q(1.5)) = 0.029 sigma H
+    # per mm of edge, about 2.5 % of a 3 mm disc's H x area: the integrated mass keeps 97.5 %.
+    integrated = score_volume(hu, labels, SPACING, calibrated(mass_calibration_water_hu=30.0))
+    assert integrated.lesion_count == 1
+    assert integrated.mass_mg == pytest.approx(exact, rel=0.025)
+    # The threshold definition loses the blur below 130 HU and counts the 70 HU base above water.
+    threshold = score_volume(hu, labels, SPACING, calibrated(mass_calibration_water_hu=30.0, mass_method="threshold"))
+    assert abs(threshold.mass_mg / exact - 1) > 0.05
+
+
+def test_integrated_mass_is_unbiased_in_correlated_noise():
+    image, area_px = blurred_disc()
+    exact = C * 400 * area_px * VOXEL_MM3
+    rows, cols = np.mgrid[:48, :48]
+    labels = np.zeros((3, 48, 48), dtype=np.int16)
+    labels[:, np.hypot(rows - 23.8, cols - 23.8) * PIXEL <= 3.0] = LAD  # a label around the calcification
+    rng = np.random.default_rng(0)
+    errors = []
+    for _ in range(100):
+        noise = ndimage.gaussian_filter(rng.normal(0, 1, (3, 48, 48)), (0, 1.0, 1.0))  # 0.5 mm correlation
+        hu = (70.0 + noise * 20 / noise.std()).astype(np.float32)
+        hu[1] += image
+        errors.append(score_volume(hu, labels, SPACING, calibrated(mass_calibration_water_hu=30.0)).mass_mg / exact - 1)
+    # About 11 % per scan at 20 HU noise, so the mean of 100 is known to about 1.1 %.
+    assert abs(np.mean(errors)) < 0.035
+
+
+def test_mass_methods_are_checked():
+    with pytest.raises(ValueError, match="mass_method"):
+        ScoringSettings(mass_method="mean")
+    with pytest.raises(ValueError, match="mass_margin_mm"):
+        ScoringSettings(mass_margin_mm=-1)
+    with pytest.raises(ValueError, match="mass_ring_mm"):
+        ScoringSettings(mass_ring_mm=0)
+
+
+def test_threshold_mass_uses_each_lesions_own_mean():
     hu, labels = blank()
     hu[0, 2:4, 2:4] = 200  # 1 mm^2 at 200 HU
     hu[1, 2:4, 2:6] = 500  # 2 mm^2 at 500 HU
     c = 0.0007
-    result = score_volume(hu, labels, SPACING, ScoringSettings(mass_calibration_mg_per_hu_mm3=c))
+    settings_ = ScoringSettings(mass_calibration_mg_per_hu_mm3=c, mass_method="threshold")
+    result = score_volume(hu, labels, SPACING, settings_)
     assert result.mass_mg == pytest.approx(c * (200 * 1.0 * 3 + 500 * 2.0 * 3))
 
 
@@ -448,6 +671,10 @@ def test_a_clinical_size_volume_scores_in_well_under_half_a_second():
         hu[z, y : y + 5, x : x + 5] = rng.uniform(130, 900)
     best = min(_timed(score_volume, hu, labels, (3.0, 0.4, 0.4)) for _ in range(3))
     assert best < 0.5
+    # With the integrated mass (windows around each of the ~300 lesions).
+    calibrated_settings = ScoringSettings(mass_calibration_mg_per_hu_mm3=0.0007)
+    best = min(_timed(score_volume, hu, labels, (3.0, 0.4, 0.4), calibrated_settings) for _ in range(3))
+    assert best < 0.5
 
 
 def _timed(function, *args):
@@ -492,12 +719,18 @@ def test_agatston_command_prints_scores_settings_and_lesions(tmp_path, capsys):
     output = json.loads(capsys.readouterr().out)
     assert code == 0
     assert output["agatston_total"] == pytest.approx(9.0) and output["agatston_lad"] == pytest.approx(9.0)
-    assert output["mass_mg"] == pytest.approx(0.001 * 400 * 6.75)
+    assert output["mass_mg"] == pytest.approx(0.001 * (400 - 40) * 6.75)  # integrated, 40 HU background
+    assert output["mass_method"] == "integrated" and output["lesions"][0]["mass_background_hu"] == 40
     assert output["mass_calibration_source"] == "cli" and output["kvp"] == 120
     assert output["risk_category"] == "1-10" and output["cac_drs"] == "A1/N1"
     assert output["threshold_hu"] == 130 and output["min_area_mm2"] == 1.0
     assert [lesion["vessel"] for lesion in output["lesions"]] == ["lad"]
     assert set(VESSEL_LABELS.values()) <= {key.removeprefix("agatston_") for key in output}
+    code = cli.main(["agatston", "--ct", str(tmp_path / "ct.nii.gz"), "--labels", str(tmp_path / "labels.nii.gz"),
+                     "--mass-calibration", "0.001", "--mass-water-hu", "30", "--mass-method", "threshold"])
+    output = json.loads(capsys.readouterr().out)
+    assert code == 0 and output["mass_method"] == "threshold"
+    assert output["mass_mg"] == pytest.approx(0.001 * (400 - 30) * 6.75)
 
 
 def test_agatston_command_rejects_label_volumes_of_another_shape(tmp_path, capsys):

@@ -11,6 +11,7 @@ rule aggregate:
         scans="results/cohort/scans.parquet",
         lesions="results/cohort/lesions.parquet",
         series="results/cohort/series.parquet",
+        runs="results/cohort/runs.parquet",
     params:
         withdrawals=lambda wildcards, input: f"--withdrawals {input.withdrawals}" if input.withdrawals else "",
         reference=lambda wildcards, input: " ".join(f"--reference {path}" for path in input.reference),

@@ -8,6 +8,7 @@ COHORT_TABLES = [
     "results/cohort/scans.parquet",
     "results/cohort/lesions.parquet",
     "results/cohort/series.parquet",
+    "results/cohort/runs.parquet",
 ]
 
 

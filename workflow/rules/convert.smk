@@ -3,8 +3,11 @@ rule convert:
     input:
         visits=rules.select_series.output.visits,
     output:
+        # The NIfTI volumes go beside it, in nifti/ (listed in this table, not declared:
+        # a withdrawal deletes single volumes without making the shard look out of date).
         visits=f"{SHARDS_DIR}/{{shard}}/convert/visits.parquet",
-        nifti=directory(f"{SHARDS_DIR}/{{shard}}/convert/nifti"),
+    params:
+        nifti_dir=lambda wildcards, output: os.path.join(os.path.dirname(output.visits), "nifti"),
     threads: config["resources"]["cpu_threads"]
     resources:
         mem_mb=config["resources"]["mem_mb"],
@@ -14,5 +17,5 @@ rule convert:
     log:
         "results/logs/convert/{shard}.log",
     shell:
-        "cacflow stage convert --visits {input.visits} --nifti-dir {output.nifti} "
+        "cacflow stage convert --visits {input.visits} --nifti-dir {params.nifti_dir} "
         "--out-visits {output.visits} > {log} 2>&1"

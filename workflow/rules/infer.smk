@@ -4,9 +4,10 @@ rule infer:
     input:
         visits=rules.convert.output.visits,
     output:
+        # Label volumes go beside it, in labels/ (listed in this table, as for convert).
         visits=f"{SHARDS_DIR}/{{shard}}/infer/visits.parquet",
-        labels=directory(f"{SHARDS_DIR}/{{shard}}/infer/labels"),
     params:
+        labels_dir=lambda wildcards, output: os.path.join(os.path.dirname(output.visits), "labels"),
         engine=config["engine"],
         settings=stage_settings("scoring"),
     threads: config["resources"]["infer_threads"]
@@ -21,4 +22,4 @@ rule infer:
     shell:
         "CACFLOW_THREADS={threads} cacflow stage infer --visits {input.visits} "
         "--engine {params.engine} --settings {params.settings:q} "
-        "--labels-dir {output.labels} --out-visits {output.visits} > {log} 2>&1"
+        "--labels-dir {params.labels_dir} --out-visits {output.visits} > {log} 2>&1"

@@ -22,6 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mass calibration factor c, mg HA per HU per mm^3 (default: no mass score)")
     parser.add_argument("--mass-water-hu", type=float, default=0.0,
                         help="HU of water measured with the same calibration (default 0)")
+    parser.add_argument("--mass-method", choices=("integrated", "threshold"), default="integrated",
+                        help="mass definition (docs/scoring.md): excess over the local background integrated "
+                             "over each lesion's blur (default), or c x (mean HU - water HU) x volume")
+    parser.add_argument("--mass-margin-mm", type=float, default=1.0,
+                        help="integrated mass: in-plane margin around each lesion (default 1)")
+    parser.add_argument("--mass-ring-mm", type=float, default=2.0,
+                        help="integrated mass: width of the background ring outside the margin (default 2)")
     parser.add_argument("--kvp", type=float, default=None, help="tube voltage of the scan, recorded")
     parser.add_argument("--kvp-adjusted", action="store_true",
                         help="use kVp-specific threshold and weight cut-offs (needs --kvp)")
@@ -33,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.kvp_adjusted and args.kvp is None:
         print("cacflow agatston: --kvp-adjusted needs --kvp", file=sys.stderr)
+        return 2
+    if not (args.mass_margin_mm >= 0 and args.mass_ring_mm > 0):
+        print("cacflow agatston: --mass-margin-mm must be >= 0 and --mass-ring-mm > 0", file=sys.stderr)
         return 2
     ct = load_nifti(args.ct)
     labels = load_nifti(args.labels)
@@ -46,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         mass_calibration_mg_per_hu_mm3=args.mass_calibration,
         mass_calibration_source="cli" if args.mass_calibration is not None else "none",
         mass_calibration_water_hu=args.mass_water_hu,
+        mass_method=args.mass_method,
+        mass_margin_mm=args.mass_margin_mm,
+        mass_ring_mm=args.mass_ring_mm,
     )
     result = score(ct, np.rint(labels.hu).astype(np.int16), settings, kvp=args.kvp)
     print(json.dumps(result.to_dict(), indent=2))

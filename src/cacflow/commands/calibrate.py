@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also score the QRM calcification inserts with this calibration")
     parser.add_argument("--reference", type=Path, default=None,
                         help="CSV of physical insert masses (ground_truth_mass_*), with --inserts")
+    parser.add_argument("--mass-method", choices=("integrated", "threshold"), default="integrated",
+                        help="mass definition for --inserts (default integrated; docs/scoring.md)")
 
 
 def _pair(x, y, what: str):
@@ -37,6 +39,7 @@ def _pair(x, y, what: str):
 
 def run(args: argparse.Namespace) -> int:
     from cacflow.calibration import calibrate_dicom, measure_phantom_inserts
+    from cacflow.scoring import ScoringSettings
 
     try:
         rod = _pair(args.rod_center_x, args.rod_center_y, "rod")
@@ -50,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
         )
         result = calibration.to_dict()
         if args.inserts:
-            result["inserts"] = measure_phantom_inserts(args.dicom_dir, args.reference, calibration)
+            result["inserts"] = measure_phantom_inserts(
+                args.dicom_dir, args.reference, calibration, ScoringSettings(mass_method=args.mass_method)
+            )
     except ValueError as error:
         print(f"cacflow calibrate: {error}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--manifest", required=True, type=Path)
     plan.add_argument("--shards-dir", required=True, type=Path)
     plan.add_argument("--shard-size", required=True, type=int)
+    plan.add_argument("--withdrawals", default=None, type=Path)
     plan.add_argument("--out", required=True, type=Path)
 
     discover = stages.add_parser("discover", help="read DICOM headers of a shard's visits")
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from cacflow import pipeline
 
     if args.stage == "plan":
-        pipeline.stage_plan(args.manifest, args.shards_dir, args.shard_size, args.out)
+        pipeline.stage_plan(args.manifest, args.shards_dir, args.shard_size, args.out, args.withdrawals)
     elif args.stage == "discover":
         pipeline.stage_discover(args.members, args.out_series, args.out_visits)
     elif args.stage == "select":
