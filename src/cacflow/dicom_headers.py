@@ -11,15 +11,23 @@ transfers leave files whose header reads fine but whose image is cut off.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.filereader import read_dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 # Top-level tags read from every file (the allowlist). Functional-group sequences of
 # Enhanced CT are read whole but only the geometry/acquisition values below are kept.
@@ -146,11 +154,14 @@ def _read_open_file(path: str, fp) -> tuple[HeaderRecord | None, str | None]:
             warnings.simplefilter("ignore")  # odd-but-readable files are the norm in archives
             ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not has_preamble,
                                  specific_tags=list(_TOP_LEVEL_TAGS))
-            pixel_status = _pixel_data_status(fp, ds)
+            if _transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
+                pixel_status = _deflated_pixel_data_status(fp, ds)
+            else:
+                pixel_status = _pixel_data_status(fp, ds)
             return _record_from_dataset(path, ds, pixel_status)
     except InvalidDicomError:
         return None, REASON_NOT_DICOM
-    except (EOFError, struct.error, OSError):
+    except (EOFError, struct.error, OSError, zlib.error):  # zlib: a deflated dataset cut short
         return None, REASON_TRUNCATED
     except Exception:  # malformed values in the wild: report, never crash a cohort run
         return None, REASON_PARSE_ERROR
@@ -183,6 +194,28 @@ def _pixel_data_status(fp, ds) -> str:
     if length != _UNDEFINED_LENGTH:
         return "ok" if value_start + length <= size else "truncated"
     return _encapsulated_status(fp, value_start, size, fmt)
+
+
+def _deflated_pixel_data_status(fp, ds) -> str:
+    """``_pixel_data_status`` for Deflated Explicit VR Little Endian files.
+
+    pydicom inflates the whole dataset into memory, so the file position says
+    nothing about the pixel data: inflate it here (the dataset starts after the
+    file meta group, whose length the group-length element gives) and check the
+    pixel-data element in the inflated bytes.
+    """
+    group_length = _int(ds.file_meta.get("FileMetaInformationGroupLength"))
+    if group_length is None:
+        return "ok"  # cannot locate the dataset; dcmread already inflated it whole
+    fp.seek(132 + 12 + group_length)  # preamble + "DICM", the group-length element, the group
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = inflater.decompress(fp.read())
+    if not inflater.eof:
+        return "truncated"
+    buffer = io.BytesIO(inflated)
+    read_dataset(buffer, is_implicit_VR=False, is_little_endian=True,
+                 stop_when=lambda tag, vr, length: int(tag) in _PIXEL_DATA_TAGS)
+    return _pixel_data_status(buffer, ds)
 
 
 def _encapsulated_status(fp, position: int, size: int, fmt: str) -> str:

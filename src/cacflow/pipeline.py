@@ -123,7 +123,8 @@ def discover_entry(entry) -> tuple[list[dict], dict]:
         visit["unreadable_summary"] = counts
     if not found.series:
         message = DISCOVERY_MESSAGES.get(found.reason or "", found.reason or "no DICOM series found")
-        visit.update(status=NOT_SCORABLE, status_reason=f"{message} [{found.reason}]")
+        detail = f": {visit['unreadable_summary']}" if found.unreadable else ""
+        visit.update(status=NOT_SCORABLE, status_reason=f"{message} [{found.reason}{detail}]")
     series = []
     for record in found.series:
         row = record.to_row()

@@ -39,6 +39,7 @@ class QCSettings:
     expected_kvp: float = 120.0  # the 130 HU threshold is defined at 120 kVp
     max_tilt_deg: float = 0.5
     min_slices: int = 10
+    min_fov_mm: float = 100.0  # the heart is ~120 mm across; zoomed cardiac FOVs are >= ~150 mm
     min_z_extent_mm: float = 80.0  # a heart is ~120 mm long; less coverage may cut it
     blood_pool_contrast_hu: float = 200.0  # aortic blood pool above this means contrast
 
@@ -344,6 +345,10 @@ def _check_geometry(r: SeriesRecord, s: QCSettings) -> list[Check]:
         checks.append(Check("orientation", FAIL, "not_axial",
                             f"The slices are {r.orientation} (slice normal {r.normal_angle_deg:.0f}° from the "
                             "feet-head axis); Agatston scoring needs axial slices. Use the axial series."))
+    if r.fov_mm is not None and r.fov_mm < s.min_fov_mm:
+        checks.append(Check("field_of_view", FAIL, "small_field_of_view",
+                            f"The image is only {r.fov_mm:.0f} mm wide (minimum {s.min_fov_mm:g} mm); it cannot hold "
+                            "the heart. This is not a diagnostic axial reconstruction."))
     if r.tilt_deg is not None and r.tilt_deg > s.max_tilt_deg:
         checks.append(Check("tilt", FAIL, "gantry_tilt",
                             f"The gantry was tilted by {r.tilt_deg:.1f}° (limit {s.max_tilt_deg:g}°); tilted slices "
@@ -397,8 +402,9 @@ def _check_slices(r: SeriesRecord, s: QCSettings) -> list[Check]:
     if r.uneven_spacing:
         checks.append(Check("slice_spacing", WARN, "uneven_spacing",
                             f"Slice spacing varies from {_mm(r.increment_min_mm)} to {_mm(r.increment_max_mm)} "
-                            f"({r.spacing_deviation_pct:.0f}% from the median); the volume is resampled for "
-                            "scoring, which can shift scores slightly."))
+                            f"({r.spacing_deviation_pct:.0f}% from the median); the slices are scored as stored, "
+                            "placed at their mean spacing, so lesion positions along the body axis are "
+                            "approximate and the score may shift slightly."))
     increment, thickness = r.slice_increment_mm, r.slice_thickness_mm
     if increment and thickness and not r.n_gaps:
         if increment > thickness * 1.1:

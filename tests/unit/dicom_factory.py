@@ -122,7 +122,7 @@ def make_slice(
         ds.SliceThickness = thickness
     ds.ImagePositionPatient = [round(v, 4) for v in position]
     ds.ImageOrientationPatient = list(orientation)
-    ds.PixelSpacing = [0.5, 0.5]
+    ds.PixelSpacing = [12.5, 12.5]  # a 200 mm field of view on the 16 x 16 test matrix
     ds.ConvolutionKernel = ["Sa36f", "3"]
     ds.GantryDetectorTilt = 0
     ds.RescaleSlope = 1

@@ -32,7 +32,7 @@ def test_reads_the_scoring_tags_as_plain_values(ct_file):
     assert record.kvp == 120.0 and record.slice_thickness_mm == 3.0
     assert record.image_position == (-4.0, -4.0, -60.0)
     assert record.image_orientation == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-    assert record.pixel_spacing_mm == (0.5, 0.5)
+    assert record.pixel_spacing_mm == (12.5, 12.5)
     assert record.rows == record.columns == 16
     assert (record.rescale_slope, record.rescale_intercept) == (1.0, -1024.0)
     assert record.convolution_kernel == "Sa36f\\3"  # Siemens multi-valued kernel, joined
@@ -92,6 +92,30 @@ def test_truncated_compressed_pixel_data_is_flagged(tmp_path):
     assert read_header(copy)[0].pixel_data_truncated is False
     truncate(copy, copy.stat().st_size - 50)
     assert read_header(copy)[0].pixel_data_truncated is True
+
+
+def _deflate(path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_deflated_file_is_read_with_its_pixel_data_checked(ct_file):
+    # pydicom inflates the whole dataset, so the pixel check cannot use the file position.
+    _deflate(ct_file)
+    record, reason = read_header(ct_file)
+    assert reason is None
+    assert record.transfer_syntax == "1.2.840.10008.1.2.1.99"
+    assert record.kvp == 120.0 and record.image_position == (-4.0, -4.0, -60.0)
+    assert not record.pixel_data_truncated
+
+
+def test_truncated_deflated_file_is_reported(ct_file):
+    _deflate(ct_file)
+    truncate(ct_file, ct_file.stat().st_size - 20)
+    assert read_header(ct_file) == (None, "truncated")
 
 
 def test_permission_denied_is_reported(ct_file, monkeypatch):

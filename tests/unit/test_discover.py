@@ -29,7 +29,7 @@ def test_gated_series_geometry_is_measured_from_positions(tmp_path):
     assert s.z_extent_mm == pytest.approx(117.0)
     assert (s.n_gaps, s.n_duplicate_positions, s.uneven_spacing) == (0, 0, False)
     assert s.orientation == "axial" and s.orientation_axial and s.tilt_deg == 0.0
-    assert (s.pixel_spacing_row_mm, s.pixel_spacing_col_mm, s.fov_mm) == (0.5, 0.5, 8.0)
+    assert (s.pixel_spacing_row_mm, s.pixel_spacing_col_mm, s.fov_mm) == (12.5, 12.5, 200.0)
     assert s.kvp == 120.0 and s.slice_thickness_mm == 3.0 and s.convolution_kernel == "Sa36f\\3"
     assert not s.compressed and not s.multiframe
 

@@ -333,3 +333,13 @@ def test_real_phantom_is_scorable_with_a_derived_warning(phantom_dir):
     # No ECG tags; the "Calcium Score" protocol and "Cardiac" description say gated.
     assert qc.scan_type == "gated" and qc.gating.confidence == "medium"
     assert set(qc.gating.evidence) == {"series_description:Cardiac", "protocol_name:Calcium"}
+
+
+def test_a_tiny_field_of_view_fails(tmp_path):
+    qc = qc_of(tmp_path, tags={**GATED_CASC, "PixelSpacing": [0.5, 0.5]})  # 16 px x 0.5 mm = 8 mm wide
+    assert "small_field_of_view" in qc.codes("fail")
+
+
+def test_a_cardiac_field_of_view_passes_the_fov_check(tmp_path):
+    qc = qc_of(tmp_path, tags=GATED_CASC)  # 16 px x 12.5 mm = 200 mm
+    assert "small_field_of_view" not in qc.codes()

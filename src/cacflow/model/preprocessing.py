@@ -10,7 +10,8 @@ Channels per slice z:
   0-2  soft-tissue window of slices z-1, z, z+1 (through-plane context)
   3    wide window of slice z (lung, fat, bone)
   4    fraction of the coarse pixel that is at or above the calcium threshold
-  5    mean calcium density above threshold (how bright the calcium is)
+  5    mean density above threshold, up to 2500 HU: calcium (up to ~1000 HU) and
+       metal (stents, wires, leads: 1400 HU and more) must stay distinguishable
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ TARGET_SPACING_MM = 1.5
 N_INPUT_CHANNELS = 6
 SIZE_MULTIPLE = 16  # 2 ** number of poolings in CalciumNet
 IGNORE_INDEX = -1
+DENSITY_RANGE_HU = 2370.0  # threshold + this = 2500 HU
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def network_inputs(hu: np.ndarray, spacing_mm: tuple[float, float, float], thres
     wide = grid.box_mean(np.clip(hu, -1000.0, 1000.0)) / 1000.0
     calcium = hu >= threshold_hu
     fraction = grid.box_mean(calcium.astype(np.float32))
-    density = grid.box_mean(np.where(calcium, np.clip(hu - threshold_hu, 0.0, 870.0), 0.0)) / 870.0
+    density = grid.box_mean(np.where(calcium, np.clip(hu - threshold_hu, 0.0, DENSITY_RANGE_HU), 0.0)) / DENSITY_RANGE_HU
     density = density / np.maximum(fraction, 1e-3) * (fraction > 0)
     below = np.concatenate([soft[:1], soft[:-1]])
     above = np.concatenate([soft[1:], soft[-1:]])
