@@ -18,4 +18,4 @@ rule convert:
         "results/logs/convert/{shard}.log",
     shell:
         "cacflow stage convert --visits {input.visits} --nifti-dir {params.nifti_dir} "
-        "--out-visits {output.visits} > {log} 2>&1"
+        "--out-visits {output.visits} 2>&1 | tee {log}"

@@ -15,4 +15,4 @@ rule discover:
         "results/logs/discover/{shard}.log",
     shell:
         "cacflow stage discover --members {input.members} "
-        "--out-series {output.series} --out-visits {output.visits} > {log} 2>&1"
+        "--out-series {output.series} --out-visits {output.visits} 2>&1 | tee {log}"

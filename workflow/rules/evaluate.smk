@@ -29,7 +29,7 @@ rule evaluation_cohort:
     params:
         participants=EVALUATION["participants"],
         seed=EVALUATION["seed"],
-        out_dir=f"{EVALUATION_DIR}/cohort",
+        out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
     threads: 2
     conda:
         CONDA_ENV
@@ -81,7 +81,7 @@ rule evaluate:
             f"held-out cohort=cacflow synth --size demo --participants {EVALUATION['participants']} "
             f"--seed {EVALUATION['seed']}"
         ),
-        out_dir=EVALUATION_DIR,
+        out_dir=lambda wildcards, output: os.path.dirname(output.html),
     conda:
         CONDA_ENV
     log:

@@ -22,4 +22,4 @@ rule infer:
     shell:
         "CACFLOW_THREADS={threads} cacflow stage infer --visits {input.visits} "
         "--engine {params.engine} --settings {params.settings:q} "
-        "--labels-dir {params.labels_dir} --out-visits {output.visits} > {log} 2>&1"
+        "--labels-dir {params.labels_dir} --out-visits {output.visits} 2>&1 | tee {log}"

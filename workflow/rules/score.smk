@@ -18,4 +18,4 @@ rule score:
         "results/logs/score/{shard}.log",
     shell:
         "cacflow stage score --visits {input.visits} --settings {params.settings:q} "
-        "--out-scans {output.scans} --out-lesions {output.lesions} > {log} 2>&1"
+        "--out-scans {output.scans} --out-lesions {output.lesions} 2>&1 | tee {log}"

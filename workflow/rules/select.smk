@@ -19,4 +19,4 @@ rule select_series:
     shell:
         "cacflow stage select --series {input.series} --visits {input.visits} "
         "--settings {params.settings:q} "
-        "--out-series {output.series} --out-visits {output.visits} > {log} 2>&1"
+        "--out-series {output.series} --out-visits {output.visits} 2>&1 | tee {log}"
