@@ -175,10 +175,6 @@ def test_no_input_file_was_modified(run):
     assert run.inputs_before and input_fingerprint(run.corpus.input_roots) == run.inputs_before
 
 
-def test_the_run_is_quick(run):
-    assert run.seconds < 240, f"the workflow took {run.seconds:.0f} s"
-
-
 def test_the_corpus_has_at_least_25_kinds(run):
     assert len(run.corpus.kinds) >= 25 and len({k.name for k in KINDS}) == len(KINDS)
 
