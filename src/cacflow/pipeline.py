@@ -530,7 +530,7 @@ def stage_aggregate(scan_paths, lesion_paths, series_paths, reference_paths, wit
             out = {column: value for column, value in row.items() if column in scan_columns}
             out["shard"] = _shard_of(path)
             truth = reference.get((row["participant_id"], row["visit"]))
-            if truth:
+            if truth and truth.get("agatston_total"):  # no reference score where nothing is scorable
                 out["reference_agatston_total"] = float(truth["agatston_total"])
                 out["reference_risk_category"] = truth["risk_category"]
             scans.append(out)
