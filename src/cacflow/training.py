@@ -116,9 +116,23 @@ def build_dataset(config: TrainingConfig) -> Path:
     return data_dir
 
 
+def _one_pixel_per_lesion(mask: np.ndarray) -> np.ndarray:
+    """One (z, y, x) per connected lesion of ``mask``, so a 2-pixel lesion is drawn
+    as often as a 40-pixel one (small lesions decide the low risk categories)."""
+    from scipy import ndimage
+
+    components, n = ndimage.label(mask, structure=np.array([[[0] * 3] * 3, [[1] * 3] * 3, [[0] * 3] * 3]))
+    if n == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    positions = np.argwhere(components > 0)
+    first = np.unique(components[tuple(positions.T)], return_index=True)[1]
+    return positions[first]
+
+
 class CropSampler:
-    """Random training crops, centred on: coronary calcium of a vessel drawn uniformly
-    among those present (45 %: the short left main is seen as often as the others),
+    """Random training crops, centred on: a coronary lesion of a vessel drawn uniformly
+    among those present, each lesion equally likely whatever its size (45 %: the short
+    left main and the smallest lesions are seen as often as the others),
     hard negatives near an artery (30 %), or any calcium (25 %: bone, noise...)."""
 
     def __init__(self, data_dir: Path, n_volumes: int, crop: int, rng: np.random.Generator):
@@ -129,7 +143,7 @@ class CropSampler:
             inputs = np.load(data_dir / f"{i:05d}_inputs.npy", mmap_mode="r")
             targets = np.load(data_dir / f"{i:05d}_targets.npy")
             if len(targets):
-                per_vessel = [np.argwhere(targets == vessel) for vessel in range(1, 5)]
+                per_vessel = [_one_pixel_per_lesion(targets == vessel) for vessel in range(1, 5)]
                 hard = np.load(data_dir / f"{i:05d}_hard_negatives.npy")
                 self.volumes.append((inputs, targets, [p for p in per_vessel if len(p)], hard,
                                      np.argwhere(targets >= 0)))
