@@ -2,8 +2,8 @@
 
 Candidates are the full-resolution calcium components (voxels >= threshold,
 8-connected within each axial slice). The network classifies every coarse pixel
-holding calcium; each candidate then takes the class with the highest summed
-probability over its voxels. Candidates voted "not coronary" stay 0, so the
+holding calcium; each candidate is coronary when the vessels' summed probability
+over its voxels outweighs "not coronary", and then takes the most probable vessel. Candidates voted "not coronary" stay 0, so the
 scoring module sees only coronary calcium, with exact full-resolution extents.
 """
 
@@ -72,7 +72,12 @@ def assign_candidates(hu: np.ndarray, probabilities: np.ndarray, grid, threshold
          for c in range(N_CLASSES)],
         axis=1,
     )
-    component_class = votes.argmax(axis=1).astype(np.uint8)
+    # First coronary or not (the vessels' probabilities summed), then which vessel:
+    # a candidate split between two arteries is still coronary. On generated
+    # validation scans this beat a plain 5-way argmax (93 % vs 92 % risk-category
+    # agreement; docs/evaluation.md).
+    coronary = votes[:, 1:].sum(axis=1) >= votes[:, 0]
+    component_class = np.where(coronary, votes[:, 1:].argmax(axis=1) + 1, 0).astype(np.uint8)
     component_class[0] = 0
     labels[z, y, x] = component_class[component_of_voxel]
     return labels, n_candidates, int((component_class[1:] > 0).sum())
