@@ -38,7 +38,6 @@ from scipy import stats
 
 from cacflow import VESSEL_NAMES, __version__
 from cacflow.report import (
-    _CSS,
     AGREEMENT_THRESHOLDS,
     _e,
     _scatter_svg,
@@ -46,6 +45,7 @@ from cacflow.report import (
     _table,
     cohen_kappa,
     confusion_matrix,
+    write_html_page,
 )
 from cacflow.tables import RISK_CATEGORY_VALUES, SCAN_TYPE_VALUES, atomic_write
 
@@ -701,18 +701,7 @@ def render_evaluation(results: dict, out_html: str | os.PathLike, *,
         ("vessels", "Per-vessel agreement", _vessels_html(results)),
         ("methods", "Methods", _methods_html(results)),
     ]
-    nav = " ".join(f'<a href="#{sid}">{_e(heading)}</a>' for sid, heading, _ in sections)
-    body = "\n".join(f'<section id="{sid}"><h2>{_e(heading)}</h2>\n{content}</section>'
-                     for sid, heading, content in sections)
-    document = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>"
-        f"<h1>{_e(title)}</h1><nav>{nav}</nav>\n{body}\n</body></html>\n"
-    )
-    with atomic_write(out_html) as handle:
-        handle.write(document.encode("utf-8"))
-    return Path(out_html)
+    return write_html_page(title, sections, out_html)
 
 
 def _num(value, digits: int = 3) -> str:

@@ -162,7 +162,12 @@ def render_report(
         _reference_section(scans),
         _overlay_section(scans, overlays or {}),
     ]
-    sections = [s for s in sections if s is not None]
+    return write_html_page(title, [s for s in sections if s is not None], out_html)
+
+
+def write_html_page(title: str, sections: list[tuple[str, str, str]], out_html: str | os.PathLike) -> Path:
+    """One self-contained HTML page: a title, a navigation bar and the given
+    (anchor id, heading, HTML content) sections, written atomically."""
     nav = " ".join(f'<a href="#{sid}">{_e(heading)}</a>' for sid, heading, _ in sections)
     body = "\n".join(
         f'<section id="{sid}"><h2>{_e(heading)}</h2>\n{content}</section>'

@@ -4,7 +4,6 @@ Agatston within 1 %."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from cacflow.inference import CalciumSegmenter

@@ -10,6 +10,7 @@ on CUDA, else ONNX Runtime on the CPU.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -66,7 +67,7 @@ class ModelFiles:
         return network.eval()
 
 
-class Engine:
+class Engine(abc.ABC):
     name = "base"
     device = "cpu"
     precision = "fp32"
@@ -76,8 +77,9 @@ class Engine:
         """Recorded in every result row, e.g. ``onnxruntime-cpu-fp32``."""
         return f"{self.name}-{self.device}-{self.precision}"
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """float32 [n, C, H, W] -> float32 logits [n, N_CLASSES, H, W]."""
 
 
 class OnnxRuntimeEngine(Engine):
