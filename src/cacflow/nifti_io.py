@@ -29,14 +29,34 @@ def load_nifti(path: str | Path) -> Volume:
         data = data.reshape(data.shape[:3])
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3-D image, got shape {data.shape}")
-    # RAS+ index order (x to Right, y to Anterior, z to Superior) -> [z, y, x]
-    # with x towards the patient's left and y towards posterior.
-    hu = np.ascontiguousarray(data[::-1, ::-1, :].transpose(2, 1, 0))
+    hu = _ras_to_canonical(data)
     # The header holds float32: round off its noise (0.488 -> 0.48800000548).
     zoom_x, zoom_y, zoom_z = (round(float(z), 6) for z in image.header.get_zooms()[:3])
     affine = image.affine
     z_positions = np.round(affine[2, 3] + affine[2, 2] * np.arange(hu.shape[0]), 4)
     return Volume(hu=hu, spacing_mm=(zoom_z, zoom_y, zoom_x), z_positions_mm=z_positions)
+
+
+def _ras_to_canonical(data: np.ndarray) -> np.ndarray:
+    # RAS+ index order (x to Right, y to Anterior, z to Superior) -> [z, y, x]
+    # with x towards the patient's left and y towards posterior.
+    return np.ascontiguousarray(data[::-1, ::-1, :].transpose(2, 1, 0))
+
+
+def _canonical_to_ras(array_zyx: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array_zyx.transpose(2, 1, 0)[::-1, ::-1, :])
+
+
+def save_like(array_zyx: np.ndarray, reference_image, path: str | Path) -> None:
+    """Write a canonical ``[z, y, x]`` array (e.g. labels) on the exact world grid of
+    ``reference_image`` (the NIfTI it was computed from), atomically."""
+    canonical = nib.as_closest_canonical(reference_image)
+    image = nib.Nifti1Image(_canonical_to_ras(np.asarray(array_zyx, dtype=np.uint8)), canonical.affine)
+    image.header.set_xyzt_units("mm")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
+    nib.save(image, tmp)
+    tmp.replace(path)
 
 
 def save_nifti(

@@ -191,8 +191,8 @@ def select_visit(series_rows: list[dict], visit: dict, settings: dict) -> tuple[
     from cacflow.selection import select_series
 
     qc_settings = qc_settings_from_config(settings)
-    pairs = [(record_from_row(row), None) for row in series_rows]
-    pairs = [(record, qc_series(record, qc_settings)) for record, _ in pairs]
+    records = [record_from_row(row) for row in series_rows]
+    pairs = [(record, qc_series(record, qc_settings)) for record in records]
     qc_by_uid = {record.series_uid: qc for record, qc in pairs}
     out_rows = []
     if visit["status"] == PENDING or series_rows:
@@ -297,10 +297,12 @@ class Inferer:
     def infer_visit(self, visit: dict, volume, labels_dir: Path) -> dict:
         import nibabel as nib
 
+        from cacflow.nifti_io import save_like
+
         started = time.perf_counter()
         segmentation = self.segmenter.segment(volume.hu, volume.spacing_mm)
         target = Path(labels_dir) / f"{visit_file_stem(visit['participant_id'], visit['visit'])}.labels.nii.gz"
-        save_labels_like(segmentation.labels, nib.load(visit["nifti_path"]), target)
+        save_like(segmentation.labels, nib.load(visit["nifti_path"]), target)
         visit.update(self.provenance(), labels_path=str(target), infer_seconds=time.perf_counter() - started,
                      n_calcium_candidates=segmentation.n_candidates, n_coronary_candidates=segmentation.n_coronary)
         return visit
@@ -338,20 +340,6 @@ def stage_infer(visits_path: Path, engine_kind: str, settings: dict, labels_dir:
                 visit.update(status=FAILED, status_reason=_failure_reason("inference", failure))
             progress.step()
     write_rows(visits, out_visits)
-
-
-def save_labels_like(labels_zyx: np.ndarray, source_image, target: Path) -> None:
-    """Write a label volume aligned with the CT NIfTI it came from (same world
-    coordinates: the canonical RAS grid of the source)."""
-    import nibabel as nib
-
-    canonical = nib.as_closest_canonical(source_image)
-    data = np.ascontiguousarray(labels_zyx.transpose(2, 1, 0)[::-1, ::-1, :], dtype=np.uint8)
-    image = nib.Nifti1Image(data, canonical.affine)
-    image.header.set_xyzt_units("mm")
-    tmp = target.with_name(f".{target.name}.tmp.nii.gz")
-    nib.save(image, tmp)
-    tmp.replace(target)
 
 
 def load_labels(path: str | Path) -> np.ndarray:

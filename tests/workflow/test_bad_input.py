@@ -17,7 +17,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import duckdb
@@ -83,8 +82,8 @@ def input_fingerprint(roots: list[Path]) -> dict:
 
 
 class Run:
-    def __init__(self, workdir, corpus, result, seconds, before, prefix):
-        self.workdir, self.corpus, self.result, self.seconds = workdir, corpus, result, seconds
+    def __init__(self, workdir, corpus, result, before, prefix):
+        self.workdir, self.corpus, self.result = workdir, corpus, result
         self.inputs_before, self.prefix = before, prefix
         self.cohort = workdir / "results" / "cohort"
 
@@ -121,10 +120,8 @@ def run(tmp_path_factory):
     command = [*(prefix or []), *SNAKEMAKE, "-s", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir),
                "--cores", "2", "--config", f"manifest={corpus.manifest}", f"shard_size={SHARD_SIZE}",
                "engine=onnxruntime"]
-    started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=workdir, env=ENV)
-    seconds = time.perf_counter() - started
-    yield Run(workdir, corpus, result, seconds, before, prefix)
+    yield Run(workdir, corpus, result, before, prefix)
     for folder, dirs, _ in os.walk(corpus.root):  # let pytest clean the chmod 000 folders
         for name in dirs:
             path = os.path.join(folder, name)
