@@ -5,6 +5,7 @@ name."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,21 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
         tmp_name.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+# The temp names atomic_write uses: .<name>.<pid>.<8 hex>.tmp
+_TEMP_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_leftover_temp_files(folder: str | os.PathLike) -> int:
+    """Delete the temp files a killed writer left under ``folder`` (SIGKILL skips the
+    clean-up above); returns how many. Call it only when no writer can be active there."""
+    removed = 0
+    for path in Path(folder).rglob(".*.tmp"):
+        if _TEMP_NAME.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def _fsync_directory(directory: Path) -> None:

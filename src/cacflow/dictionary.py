@@ -148,7 +148,11 @@ DEFINITIONS: dict[str, str] = {
         "slice thickness other than the calcium-scoring 2.5-3 mm, uneven slice "
         "spacing, uncertain gating). Every check, code and threshold is listed in the "
         "project's QC documentation (docs/qc.md). The scans table repeats the QC verdict "
-        "of the chosen series."
+        "of the chosen series. After conversion the chosen series' image is checked for "
+        "contrast whatever its tags say: the median HU of the cardiac blood pool "
+        "(blood_pool_hu) above 200 HU makes the visit not scorable (contrast_blood_pool); "
+        "when it cannot be measured (no lungs in the field of view) the scan is scored "
+        "and flagged (blood_pool_unmeasured)."
     ),
     "Missing values": (
         "A missing value is always a null (NA in R, NULL in DuckDB, NaN/None/NA in "

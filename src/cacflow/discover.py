@@ -8,20 +8,30 @@ Files are grouped by SeriesInstanceUID only. A series that mixes orientations,
 image types or matrices is *not* split here: guessing how to split it would hide an
 archive problem, so it is recorded (``mixed_*`` fields) and QC fails it with a reason.
 Exact copies of a file (same SOPInstanceUID) are kept once and counted.
+
+With a :class:`cacflow.header_cache.HeaderCache`, files whose path, size and
+modification time are unchanged since the cache was written are not opened: their
+header comes from the cache.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import stat
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.uid import UID
 
 from cacflow.dicom_headers import HeaderRecord, read_header
+
+if TYPE_CHECKING:
+    from cacflow.header_cache import HeaderCache
 
 # Geometry constants (documented in docs/qc.md).
 AXIAL_TOLERANCE_DEG = 5.0  # slice normal within this angle of an axis counts as that axis
@@ -142,18 +152,31 @@ class VisitDiscovery:
         }
 
 
-def discover_visit(dicom_dir: str | os.PathLike) -> VisitDiscovery:
-    """Find every DICOM series under ``dicom_dir`` (any depth). Never raises."""
+def discover_visit(dicom_dir: str | os.PathLike, cache: HeaderCache | None = None) -> VisitDiscovery:
+    """Find every DICOM series under ``dicom_dir`` (any depth). Never raises.
+
+    ``cache``: headers of unchanged files are taken from it, and the headers read are
+    added to it (the caller saves it). The result is the same with or without it.
+    """
     root = Path(dicom_dir)
     if not root.exists():
         return VisitDiscovery(str(root), [], [], 0, REASON_DIR_MISSING)
     if not root.is_dir():
         return VisitDiscovery(str(root), [], [], 0, REASON_NOT_A_DIR)
 
-    paths, unreadable = _list_files(root)
+    files, unreadable = _list_files(root)
+    paths = [path for path, _ in files]
+    folder_cache = cache.folder(root) if cache is not None else None
     headers: dict[str, list[HeaderRecord]] = defaultdict(list)
-    for path in paths:
-        record, reason = read_header(path)
+    for path, file_stat in files:
+        cached = folder_cache.get(path, file_stat) if folder_cache is not None else None
+        if cached is not None:
+            record, reason = cached
+        else:
+            read_started_ns = time.time_ns()
+            record, reason = read_header(path)
+            if folder_cache is not None:
+                folder_cache.put(path, file_stat, (record, reason), read_started_ns)
         if record is None:
             unreadable.append((path, reason))
         else:
@@ -173,16 +196,20 @@ def discover_visit(dicom_dir: str | os.PathLike) -> VisitDiscovery:
             reason = REASON_DIR_UNREADABLE
         else:
             reason = REASON_DIR_EMPTY if not paths and not unreadable else REASON_NO_DICOM
+    if folder_cache is not None:
+        cache.finish(folder_cache)
     return VisitDiscovery(str(root), series, sorted(unreadable), len(paths), reason)
 
 
-def _list_files(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Regular files under root, sorted; unreadable sub-folders are reported, not skipped silently.
+def _list_files(root: Path) -> tuple[list[tuple[str, os.stat_result]], list[tuple[str, str]]]:
+    """Regular files under root with their stat, sorted by path; unreadable sub-folders
+    are reported, not skipped silently.
 
-    Symlinked folders are not followed (they can loop); symlinked files are read.
+    Symlinked folders are not followed (they can loop); symlinked files are read (and
+    stat'ed through the link).
     """
     unreadable: list[tuple[str, str]] = []
-    paths = []
+    files = []
 
     def report(error: OSError) -> None:
         unreadable.append((str(error.filename), REASON_DIR_UNREADABLE))
@@ -190,10 +217,14 @@ def _list_files(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     for folder, _, names in os.walk(root, onerror=report):
         for name in names:
             path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                paths.append(path)
-    paths.sort()
-    return paths, unreadable
+            try:
+                file_stat = os.stat(path)
+            except (OSError, ValueError):  # a broken link, or gone since the listing
+                continue
+            if stat.S_ISREG(file_stat.st_mode):
+                files.append((path, file_stat))
+    files.sort(key=lambda item: item[0])
+    return files, unreadable
 
 
 def _build_series(uid: str, records: list[HeaderRecord], n_truncated: int, usable: bool) -> SeriesRecord:

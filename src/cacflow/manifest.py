@@ -69,6 +69,18 @@ def read_manifest(path: str | Path) -> tuple[list[VisitEntry], list[str]]:
     return list(entries.values()), warnings
 
 
+def write_manifest(path: str | Path, rows: list[dict]) -> Path:
+    """Write a manifest TSV (the required columns, one row per visit); returns ``path``."""
+    import csv
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(REQUIRED_COLUMNS), delimiter="\t", lineterminator="\n",
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)
+
+
 def read_withdrawals(path: str | Path | None) -> set[str]:
     """Withdrawn participant ids: one per line, optional `participant_id` header."""
     if not path:

@@ -107,11 +107,14 @@ DISCOVERY_MESSAGES = {
 }
 
 
-def discover_entry(entry) -> tuple[list[dict], dict]:
-    """Series rows (with their sorted file lists) and the visit row for one manifest entry."""
+def discover_entry(entry, header_cache=None) -> tuple[list[dict], dict]:
+    """Series rows (with their sorted file lists) and the visit row for one manifest entry.
+
+    ``header_cache``: a :class:`cacflow.header_cache.HeaderCache` (unchanged files are not read again).
+    """
     from cacflow.discover import discover_visit
 
-    found = discover_visit(entry.dicom_dir) if entry.dicom_dir else None
+    found = discover_visit(entry.dicom_dir, cache=header_cache) if entry.dicom_dir else None
     visit = {"participant_id": entry.participant_id, "visit": entry.visit, "status": PENDING, "status_reason": None}
     if found is None:
         visit.update(status=NOT_SCORABLE, status_reason="the manifest gives no dicom_dir for this visit")
@@ -133,21 +136,28 @@ def discover_entry(entry) -> tuple[list[dict], dict]:
     return series, visit
 
 
-def stage_discover(members_path: Path, out_series: Path, out_visits: Path) -> None:
+def stage_discover(members_path: Path, out_series: Path, out_visits: Path, header_cache: Path | None = None) -> None:
+    """``header_cache``: the shard's header cache file (default: ``header_cache.parquet``
+    beside ``out_series``); read first, rewritten (atomically) once the shard is done."""
+    from cacflow.header_cache import HeaderCache, cache_path
     from cacflow.sharding import read_members
 
     entries = read_members(members_path)
+    cache = HeaderCache.load(header_cache or cache_path(Path(out_series).parent))
     progress = Progress("discover", len(entries), log)
     all_series, visits = [], []
     for entry in entries:
         try:
-            series, visit = discover_entry(entry)
+            series, visit = discover_entry(entry, header_cache=cache)
         except Exception as error:  # noqa: BLE001 - one visit must never stop the shard
             series, visit = [], {"participant_id": entry.participant_id, "visit": entry.visit,
                                  "status": FAILED, "status_reason": _failure_reason("discovery", error)}
         all_series.extend(series)
         visits.append(visit)
         progress.step()
+    log.info("discover: %d file headers read, %d unchanged files taken from the header cache",
+             cache.reads, cache.hits)
+    cache.save()
     write_rows(all_series, out_series)
     write_rows(visits, out_visits)
 
@@ -162,6 +172,7 @@ def qc_settings_from_config(settings: dict):
         scoring_thickness_mm=tuple(qc["gated_thickness_mm"]),
         max_thickness_mm=float(qc["nongated_max_thickness_mm"]),
         expected_kvp=float(qc["expected_kvp"]),
+        blood_pool_contrast_hu=float(qc.get("blood_pool_contrast_hu", 200.0)),
     )
 
 
@@ -251,8 +262,8 @@ def stage_select(series_path: Path, visits_path: Path, settings: dict, out_serie
 
 # --- convert ---------------------------------------------------------------------
 
-def convert_visit(visit: dict, nifti_dir: Path) -> dict:
-    from cacflow.convert import ConversionError, convert_series
+def convert_visit(visit: dict, nifti_dir: Path, settings: dict) -> dict:
+    from cacflow.convert import ConversionError, convert_series, load_volume
 
     target = Path(nifti_dir) / f"{visit_file_stem(visit['participant_id'], visit['visit'])}.nii"
     try:
@@ -260,17 +271,40 @@ def convert_visit(visit: dict, nifti_dir: Path) -> dict:
         visit["nifti_path"] = str(target)
     except ConversionError as error:
         visit.update(status=FAILED, status_reason=f"conversion failed: {error}")
+        return visit
+    check_blood_pool(visit, load_volume(target), settings)
     return visit
 
 
-def stage_convert(visits_path: Path, nifti_dir: Path, out_visits: Path) -> None:
+def check_blood_pool(visit: dict, volume, settings: dict) -> None:
+    """The image's own contrast check: a contrast-enhanced scan is not scored, an
+    unmeasurable one is flagged (tags can be blank, so they are not enough)."""
+    from cacflow.blood_pool import measure_blood_pool
+    from cacflow.qc import FAIL, LIST_SEPARATOR, PASS, blood_pool_contrast_check
+
+    measured = measure_blood_pool(volume.hu, volume.spacing_mm)
+    visit["blood_pool_hu"] = measured.hu
+    check = blood_pool_contrast_check(measured.hu, qc_settings_from_config(settings))
+    log.info("%s %s: blood pool %s (%s)", visit["participant_id"], visit["visit"],
+             "unmeasured" if measured.hu is None else f"{measured.hu:.0f} HU", measured.note)
+    if check.status == PASS:
+        return
+    codes = [code for code in (visit.get("qc_reasons") or "").split(LIST_SEPARATOR) if code]
+    visit["qc_reasons"] = LIST_SEPARATOR.join([*codes, check.code])
+    if check.status == FAIL:
+        visit.update(qc_status=FAIL, status=NOT_SCORABLE, status_reason=f"{check.message} [{check.code}]")
+    elif visit.get("qc_status") == PASS:
+        visit["qc_status"] = check.status
+
+
+def stage_convert(visits_path: Path, nifti_dir: Path, settings: dict, out_visits: Path) -> None:
     visits = read_rows(visits_path)
     _fresh_folder(nifti_dir)
     todo = [visit for visit in visits if visit["status"] == PENDING]
     progress = Progress("convert", len(todo), log)
     for visit in todo:
         try:
-            convert_visit(visit, nifti_dir)
+            convert_visit(visit, nifti_dir, settings)
         except Exception as error:  # noqa: BLE001 - one visit must never stop the shard
             visit.update(status=FAILED, status_reason=_failure_reason("conversion", error))
         progress.step()
@@ -316,8 +350,12 @@ def stage_infer(visits_path: Path, engine_kind: str, settings: dict, labels_dir:
 
     visits = read_rows(visits_path)
     _fresh_folder(labels_dir)
-    inferer = Inferer(engine_kind, settings)
     todo = [visit for visit in visits if visit["status"] == PENDING]
+    if not todo:  # nothing scorable in this shard: no model to load
+        log.info("infer: no visit of this shard reached inference")
+        write_rows(visits, out_visits)
+        return
+    inferer = Inferer(engine_kind, settings)
     progress = Progress("infer", len(todo), log)
 
     def read(visit):
@@ -497,6 +535,14 @@ def stage_aggregate(scan_paths, lesion_paths, series_paths, reference_paths, wit
     history_dir = Path(history_dir or out_dir.parent / "history")
     withdrawn = read_withdrawals(withdrawals_path)
     shards_dir = Path(scan_paths[0]).parents[2] if scan_paths else None
+    if shards_dir is not None:
+        # Every shard job has finished (they are this job's inputs): a temp file left
+        # there is from a killed write, and could hold a withdrawn participant's rows.
+        from cacflow.atomic import remove_leftover_temp_files
+
+        leftovers = remove_leftover_temp_files(shards_dir)
+        if leftovers:
+            log.info("removed %d temp files left by an interrupted run", leftovers)
     if withdrawn and shards_dir is not None:
         n_visits, n_files = purge_shards(shards_dir, withdrawn)
         log.info("withdrawals: %d withdrawn participants listed; %d of their visits removed from the shards, "
@@ -526,6 +572,7 @@ def stage_aggregate(scan_paths, lesion_paths, series_paths, reference_paths, wit
     series_columns = tables.schema("series").names
     series = [series_table_row(row, _shard_of(path), series_columns)
               for path in series_paths for row in read_rows(path) if keep(row)]
+    apply_image_checks(series, scans)
     tables.write_table("scans", scans, out_dir / "scans.parquet")
     tables.write_table("lesions", lesions, out_dir / "lesions.parquet")
     tables.write_table("series", series, out_dir / "series.parquet")
@@ -536,6 +583,40 @@ def stage_aggregate(scan_paths, lesion_paths, series_paths, reference_paths, wit
              record["run_id"], record["n_added"], record["n_rescored"], record["n_removed"],
              record["n_withdrawn"], len(record["failed_scans"]))
     _log_summary(scans, reference)
+
+
+# QC codes of the checks run on the converted image (after selection), which the
+# chosen series' row must show too.
+IMAGE_CHECK_CODES = ("contrast_blood_pool", "blood_pool_unmeasured")
+
+
+def apply_image_checks(series: list[dict], scans: list[dict]) -> None:
+    """Carry the image checks' outcome back to the chosen series' row: a series that
+    failed one is no longer the chosen one, and says why."""
+    from cacflow.qc import FAIL, LIST_SEPARATOR, MESSAGE_SEPARATOR, PASS, WARN, blood_pool_contrast_check
+
+    found = {}
+    for scan in scans:
+        codes = [c for c in (scan.get("qc_reasons") or "").split(LIST_SEPARATOR) if c in IMAGE_CHECK_CODES]
+        if codes and scan.get("series_instance_uid"):
+            found[(scan["participant_id"], scan["visit"], scan["series_instance_uid"])] = (codes, scan)
+    for row in series:
+        hit = found.get((row["participant_id"], row["visit"], row["series_instance_uid"]))
+        if hit is None:
+            continue
+        codes, scan = hit
+        old_codes = [c for c in (row.get("qc_reasons") or "").split(LIST_SEPARATOR) if c]
+        row["qc_reasons"] = LIST_SEPARATOR.join([*old_codes, *(c for c in codes if c not in old_codes)])
+        if "contrast_blood_pool" in codes:
+            message = scan.get("status_reason") or "contrast-enhanced blood pool"
+            row.update(qc_status=FAIL, chosen=False,
+                       not_chosen_reason=f"chosen, then failed the image check after conversion: {message}")
+            row["qc_messages"] = MESSAGE_SEPARATOR.join(m for m in (row.get("qc_messages"), message) if m)
+        else:
+            unmeasured = blood_pool_contrast_check(None).message
+            row["qc_messages"] = MESSAGE_SEPARATOR.join(m for m in (row.get("qc_messages"), unmeasured) if m)
+            if row.get("qc_status") == PASS:
+                row["qc_status"] = WARN
 
 
 def _provenance(scans: list[dict]) -> dict:

@@ -203,6 +203,13 @@ SCANS: list[Column] = [
     _SCAN_TYPE,
     _QC_STATUS,
     _QC_REASONS,
+    _c(
+        "blood_pool_hu", _F64, "HU",
+        "Median HU of the cardiac blood pool, measured in the converted volume (a contrast "
+        "check independent of the tags); null when it could not be measured (no pair of "
+        "lungs in the field of view) or the visit was not converted. See Definitions: "
+        "Quality control.",
+    ),
     _KVP,
     _THICKNESS,
     _INCREMENT,

@@ -8,6 +8,11 @@ Stages (each resumable):
    newest checkpoint when restarted.
 3. ``export``: write ``calciumnet.pt`` (weights), ``calciumnet.onnx`` (checked
    against PyTorch) and ``model.json`` into the model directory.
+
+Fine-tuning on real annotated scans: with ``coca_root`` set, stage 1 reads a
+COCA-format root (``patient/<id>/<series>/`` DICOM and ``calcium_xml/<id>.xml``
+polygons, ``cacflow.coca``) instead of generating phantoms, and ``init_weights``
+starts the network from a trained model (normally the shipped one).
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class TrainingConfig:
     workers: int = 2
     model_version: str = "0.1.0"
     notes: dict = field(default_factory=dict)
+    coca_root: str | None = None  # fine-tune on COCA-format annotations instead of phantoms
+    init_weights: str | None = None  # start from these weights (calciumnet.pt)
 
 
 def randomised_phantom_settings(rng: np.random.Generator):
@@ -91,11 +98,8 @@ def _build_one(args) -> dict:
     near_artery = grid.box_mean((phantom.vessel_labels > 0).astype(np.float32)) > 0
     reach = int(round(10.0 / TARGET_SPACING_MM))
     near_artery = ndimage.binary_dilation(near_artery, structure=np.ones((1, 3, 3), bool), iterations=reach)
-    keep = (targets != IGNORE_INDEX).any(axis=(1, 2))
-    np.save(out_dir / f"{index:05d}_inputs.npy", inputs[keep].astype(np.float16))
-    np.save(out_dir / f"{index:05d}_hard_negatives.npy", np.argwhere((targets[keep] == 0) & near_artery[keep]).astype(np.int32))
-    np.save(out_dir / f"{index:05d}_targets.npy", targets[keep].astype(np.int8))
-    return {"index": index, "slices": int(keep.sum()), "coronary_pixels": int((targets > 0).sum())}
+    slices = _save_volume(out_dir, index, inputs, targets, near_artery)
+    return {"index": index, "slices": slices, "coronary_pixels": int((targets > 0).sum())}
 
 
 def build_dataset(config: TrainingConfig) -> Path:
@@ -114,6 +118,58 @@ def build_dataset(config: TrainingConfig) -> Path:
                 rate = done / (time.perf_counter() - started)
                 log.info("dataset: %d/%d volumes (%.2f/s, %.0f s left)", done, len(todo), rate, (len(todo) - done) / rate)
     return data_dir
+
+
+def _save_volume(out_dir: Path, index: int, inputs, targets, near_coronary) -> int:
+    keep = (targets != IGNORE_INDEX).any(axis=(1, 2))
+    np.save(out_dir / f"{index:05d}_inputs.npy", inputs[keep].astype(np.float16))
+    np.save(out_dir / f"{index:05d}_hard_negatives.npy",
+            np.argwhere((targets[keep] == 0) & near_coronary[keep]).astype(np.int32))
+    np.save(out_dir / f"{index:05d}_targets.npy", targets[keep].astype(np.int8))
+    return int(keep.sum())
+
+
+def build_coca_dataset(coca_root: str | Path, data_dir: Path) -> int:
+    """Training volumes from COCA-format annotations; returns how many are usable.
+
+    Targets: calcium (>= 130 HU) inside a reader's coronary polygon takes that
+    artery's label, all other calcium is "not coronary". Hard negatives: other
+    calcium within 10 mm of annotated coronary calcium (COCA has no artery
+    centrelines). A patient that cannot be read is skipped with its reason in
+    ``coca_index.json`` and the log; the others still train.
+    """
+    from scipy import ndimage
+
+    from cacflow.coca import label_volume, patient_ids, read_calcium_xml, read_dicom_series
+
+    root = Path(coca_root)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    index_path = data_dir / "coca_index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {"used": [], "skipped": {}}
+    reach = int(round(10.0 / TARGET_SPACING_MM))
+    for coca_id in patient_ids(root):
+        if coca_id in index["used"] or coca_id in index["skipped"]:
+            continue
+        try:
+            series_dirs = sorted(p for p in (root / "patient" / coca_id).iterdir() if p.is_dir())
+            if len(series_dirs) != 1:
+                raise ValueError(f"expected one series folder, found {len(series_dirs)}")
+            rois = read_calcium_xml(root / "calcium_xml" / f"{coca_id}.xml")
+            volume = read_dicom_series(series_dirs[0]).volume
+            labels, _ = label_volume(rois, volume)
+            inputs, grid = network_inputs(volume.hu, volume.spacing_mm)
+            targets = network_targets(volume.hu, labels, grid)
+            near = ndimage.binary_dilation(targets > 0, structure=np.ones((1, 3, 3), bool), iterations=reach)
+            _save_volume(data_dir, len(index["used"]), inputs, targets, near)
+            index["used"].append(coca_id)
+        except Exception as error:  # noqa: BLE001 - one unreadable patient must not stop training
+            index["skipped"][coca_id] = f"{type(error).__name__}: {error}"
+            log.warning("COCA patient %s skipped: %s", coca_id, index["skipped"][coca_id])
+        index_path.write_text(json.dumps(index, indent=2))
+    log.info("COCA dataset: %d patients used, %d skipped", len(index["used"]), len(index["skipped"]))
+    if not index["used"]:
+        raise RuntimeError(f"no usable COCA patient under {root} (see {index_path})")
+    return len(index["used"])
 
 
 def _one_pixel_per_lesion(mask: np.ndarray) -> np.ndarray:
@@ -187,9 +243,18 @@ def train(config: TrainingConfig) -> dict:
     from cacflow.model.network import CalciumNet
 
     torch.manual_seed(config.seed)
-    data_dir = build_dataset(config)
+    if config.coca_root:
+        data_dir = Path(config.work_dir) / "dataset"
+        n_volumes = build_coca_dataset(config.coca_root, data_dir)
+    else:
+        data_dir, n_volumes = build_dataset(config), config.n_volumes
     checkpoint_path = Path(config.work_dir) / "checkpoint.pt"
     network = CalciumNet(N_INPUT_CHANNELS, config.widths)
+    if config.init_weights:
+        network.load_state_dict(torch.load(config.init_weights, map_location="cpu", weights_only=True))
+        config.notes["initial_weights_sha256"] = _sha256(config.init_weights)
+    if config.coca_root:
+        config.notes["training_data"] = f"COCA-format annotations, {n_volumes} patients"
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.learning_rate, total_steps=config.steps)
     rng = np.random.default_rng([config.seed, 1])
@@ -203,7 +268,7 @@ def train(config: TrainingConfig) -> dict:
         torch.set_rng_state(state["torch_rng"])
         step, history = state["step"], state["history"]
         log.info("resumed from step %d", step)
-    sampler = CropSampler(data_dir, config.n_volumes, config.crop, rng)
+    sampler = CropSampler(data_dir, n_volumes, config.crop, rng)
     loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(config.class_weights), ignore_index=IGNORE_INDEX)
     network.train()
     started, running = time.perf_counter(), []
@@ -229,6 +294,12 @@ def train(config: TrainingConfig) -> dict:
             tmp.replace(checkpoint_path)
     network.eval()
     return export(network, config, history)
+
+
+def _sha256(path: str | Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def export(network, config: TrainingConfig, history: list) -> dict:
@@ -261,7 +332,9 @@ def export(network, config: TrainingConfig, history: list) -> dict:
         "target_spacing_mm": TARGET_SPACING_MM,
         "classes": ["not_coronary", "lm", "lad", "lcx", "rca"],
         "onnx_max_abs_diff_vs_torch": max_error,
-        "training": {k: v for k, v in asdict(config).items() if k not in ("work_dir", "model_dir")},
+        # Paths stay out: they can name a site or a person.
+        "training": {k: v for k, v in asdict(config).items()
+                     if k not in ("work_dir", "model_dir", "coca_root", "init_weights")},
         "loss_history": history,
     }
     (model_dir / "model.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -3,7 +3,8 @@
 Shard files are rewritten in stage order (members, discover, select, convert,
 infer, score), so each file stays newer than the one it was made from and
 Snakemake sees no reason to redo finished work. Image volumes (NIfTI CT and
-label files) of withdrawn visits are deleted.
+label files) of withdrawn visits are deleted, and their entries are dropped from
+the shard's discovery header cache.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def purge_shards(shards_dir: Path, withdrawn: set[str]) -> tuple[int, int]:
     from cacflow.pipeline import read_rows, write_rows
     from cacflow.sharding import MEMBERS_HEADER, read_members
     from cacflow.atomic import atomic_write_text
+    from cacflow.header_cache import cache_path
+    from cacflow.header_cache import prune as prune_header_cache
 
     if not withdrawn:
         return 0, 0
@@ -38,6 +41,8 @@ def purge_shards(shards_dir: Path, withdrawn: set[str]) -> tuple[int, int]:
         n_visits += len(members) - len(kept)
         lines = ["\t".join(MEMBERS_HEADER)] + ["\t".join((e.participant_id, e.visit, e.dicom_dir)) for e in kept]
         atomic_write_text(members_path, "\n".join(lines) + "\n")
+        # The discovery header cache (not a stage table) holds their files' headers too.
+        prune_header_cache(cache_path(members_path.parent / "discover"), [entry.dicom_dir for entry in kept])
         for table in STAGE_TABLES:
             path = members_path.parent / table
             if not path.exists():

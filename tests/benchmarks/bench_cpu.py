@@ -1,10 +1,12 @@
 """CPU benchmark: seconds per gated 512 x 512 scan, DICOM folder to scores.
 
 Run by hand (not a test):  python tests/benchmarks/bench_cpu.py [--scans 4] [--repeats 3]
+(the identifier leak test runs it once, tiny, with planted identifiers).
 
 Generates gated calcium-score series (real DICOM), then times each stage of the
 per-visit path the workflow runs (discover, QC + select, dcm2niix, load, network
-preprocessing / engine / candidate vote, score) for every scan, several times, and
+preprocessing / engine / candidate vote, score; "convert" includes the
+blood-pool contrast measurement) for every scan, several times, and
 prints medians. Each engine runs in its own process so its peak memory (max RSS) is
 measured alone. The ONNX Runtime engine is compared with PyTorch on the CPU, both
 measured in this run.
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 
 
-def make_scans(out_dir: Path, n_scans: int) -> list[Path]:
+def make_scans(out_dir: Path, n_scans: int, tags: dict | None = None) -> list[Path]:
     from pydicom.uid import generate_uid
 
     from cacflow.synth.dicom_writer import write_series
@@ -36,7 +38,7 @@ def make_scans(out_dir: Path, n_scans: int) -> list[Path]:
         folder = out_dir / f"scan{index}"
         uids = {"study": generate_uid(entropy_srcs=[f"bench-study-{index}"]),
                 "series": generate_uid(entropy_srcs=[f"bench-series-{index}"])}
-        write_series(phantom, folder, series_kind="calcium_score", uids=uids)
+        write_series(phantom, folder, series_kind="calcium_score", uids=uids, tags=tags)
         folders.append(folder)
     return folders
 
@@ -64,8 +66,8 @@ def time_engine(engine: str, folders: list[str], repeats: int, queue) -> None:
                 _, visit = pipeline.select_visit(series, visit, config)
                 clock["qc_select"] = time.perf_counter() - t
                 t = time.perf_counter()
-                pipeline.convert_visit(visit, Path(work))
-                clock["convert_dcm2niix"] = time.perf_counter() - t
+                pipeline.convert_visit(visit, Path(work), config)
+                clock["convert"] = time.perf_counter() - t
                 t = time.perf_counter()
                 volume = load_volume(visit["nifti_path"], visit.get("slice_thickness_mm"))
                 clock["load_nifti"] = time.perf_counter() - t
@@ -91,10 +93,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engines", nargs="+", default=["onnxruntime", "torch"])
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--identifiers", type=json.loads, default=None,
+                        help="JSON object of DICOM keyword -> value written into every scan (leak test)")
+    parser.add_argument("--keep-dicom", type=Path, default=None, help="write the generated scans here and keep them")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as scratch:
-        folders = [str(f) for f in make_scans(Path(scratch), args.scans)]
+        folders = [str(f) for f in make_scans(args.keep_dicom or Path(scratch), args.scans, args.identifiers)]
         context = multiprocessing.get_context("spawn")
         for engine in args.engines:
             queue = context.Queue()

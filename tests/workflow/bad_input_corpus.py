@@ -688,6 +688,12 @@ def b_enhanced_ct_gated(folder, pid):
     ds.save_as(folder / "enhanced_ct.dcm", enforce_file_format=True)
 
 
+def b_contrast_tags_blank(folder, pid):
+    """A gated 3 mm scan taken with contrast, exported with every contrast tag blank and a
+    calcium-score description: only the measured blood pool can tell."""
+    _write(_phantom(contrast=True), folder, pid, acquisition={"kvp": 120, "gated": True, "contrast": False})
+
+
 # (participant id, builder, expectation). The ids' numbers are stable: append new kinds.
 def kinds() -> list[tuple[Kind, Callable]]:
     k = Kind
@@ -806,6 +812,9 @@ def kinds() -> list[tuple[Kind, Callable]]:
            same_score_as=REFERENCE), b_malformed_values),
         (k("BAD52_enhanced_ct_gated", "the reference series as one Enhanced CT multi-frame file", SCORED, None,
            n_series=1, same_score_as=REFERENCE), b_enhanced_ct_gated),
+        (k("BAD53_contrast_tags_blank", "contrast-enhanced gated scan whose contrast tags are blank", NOT_SCORABLE,
+           ("contrast_blood_pool", "HU"), ("contrast_blood_pool",), n_series=1, log_text=("blood pool",)),
+         b_contrast_tags_blank),
     ]
     return table
 

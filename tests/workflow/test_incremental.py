@@ -12,6 +12,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from cacflow.manifest import write_manifest
+
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -23,14 +25,6 @@ def snakemake(workdir: Path, *config: str, dry_run: bool = False) -> str:
     result = subprocess.run(command, capture_output=True, text=True, env=ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout + result.stderr
-
-
-def write_manifest(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["participant_id", "visit", "dicom_dir"], delimiter="\t")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def mtimes(folder: Path) -> dict[str, int]:

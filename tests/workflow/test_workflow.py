@@ -174,6 +174,26 @@ def test_planted_identifiers_are_in_the_input_and_in_no_output(tiny_run):
     assert hits == []
 
 
+def test_benchmark_output_carries_no_planted_identifier(tmp_path):
+    """The CPU benchmark's printed and JSON figures are outputs too."""
+    import json
+
+    import pydicom
+
+    planted = {key: value.format(participant="B0", visit="1") for key, value in PLANTED.items()}
+    figures = tmp_path / "figures.json"
+    command = [sys.executable, str(REPO_ROOT / "tests" / "benchmarks" / "bench_cpu.py"), "--scans", "1",
+               "--repeats", "1", "--engines", "onnxruntime", "--json", str(figures),
+               "--identifiers", json.dumps(planted), "--keep-dicom", str(tmp_path / "dicom")]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sample = next(p for p in (tmp_path / "dicom").rglob("*") if p.is_file())
+    assert str(pydicom.dcmread(sample, stop_before_pixels=True).PatientName) == planted["PatientName"]
+    assert "s per scan end to end" in result.stdout
+    printed = result.stdout + result.stderr + figures.read_text()
+    assert [marker for marker in PLANTED_MARKERS if marker in printed] == []
+
+
 def test_inputs_are_only_read(tiny_run):
     _, _, cohort, _ = tiny_run
     assert INPUTS_BEFORE and input_fingerprint(cohort / "dicom") == INPUTS_BEFORE

@@ -1,5 +1,6 @@
 # Shared helpers for the rules: paths, settings passed to stages, shard lookup.
 import json
+import shlex
 
 SHARDS_DIR = "results/shards"
 # One software environment for all steps; conda paths are relative to the rules folder.
@@ -49,3 +50,15 @@ def reference_scores(wildcards):
 def withdrawals_file(wildcards):
     """The withdrawals list, as an input: editing it rebuilds the cohort tables."""
     return [config["withdrawals"]] if config["withdrawals"] else []
+
+
+def training_arguments():
+    """`cacflow train` arguments: phantoms, or fine-tuning the shipped model on COCA."""
+    training = config.get("training", {})
+    if training.get("coca_root"):
+        return (
+            f"--work-dir results/training_coca --coca-root {shlex.quote(str(training['coca_root']))} "
+            f"--init-weights packaged --steps {training.get('fine_tune_steps', 2000)} "
+            f"--learning-rate {training.get('fine_tune_learning_rate', 0.0005)}"
+        )
+    return f"--work-dir results/training --steps {training.get('steps', 5000)}"

@@ -1,5 +1,6 @@
 rule convert:
-    """Convert each chosen series to NIfTI with dcm2niix and check its geometry."""
+    """Convert each chosen series to NIfTI with dcm2niix, check its geometry and
+    measure the blood pool (contrast from the image, whatever the tags say)."""
     input:
         visits=rules.select_series.output.visits,
     output:
@@ -8,6 +9,7 @@ rule convert:
         visits=f"{SHARDS_DIR}/{{shard}}/convert/visits.parquet",
     params:
         nifti_dir=lambda wildcards, output: os.path.join(os.path.dirname(output.visits), "nifti"),
+        settings=stage_settings("qc"),
     threads: config["resources"]["cpu_threads"]
     resources:
         mem_mb=config["resources"]["mem_mb"],
@@ -18,4 +20,4 @@ rule convert:
         "results/logs/convert/{shard}.log",
     shell:
         "cacflow stage convert --visits {input.visits} --nifti-dir {params.nifti_dir} "
-        "--out-visits {output.visits} 2>&1 | tee {log}"
+        "--settings {params.settings:q} --out-visits {output.visits} 2>&1 | tee {log}"

@@ -1,5 +1,8 @@
 rule discover:
-    """Read the DICOM headers (no pixels) of every file of the shard's visits."""
+    """Read the DICOM headers (no pixels) of every file of the shard's visits.
+    Headers of files unchanged since the shard's last discovery (same path, size
+    and modification time) come from discover/header_cache.parquet, which is not a
+    declared output: it survives reruns, so rediscovering reads only what changed."""
     input:
         members=f"{SHARDS_DIR}/{{shard}}/members.tsv",
     output:

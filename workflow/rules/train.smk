@@ -1,11 +1,14 @@
 rule train:
-    """Train CalciumNet on generated phantoms (seeded, resumable): `snakemake train`.
-    Writes a candidate model to results/model/; copy it to
-    src/cacflow/model/weights/ to ship it."""
+    """Train CalciumNet (seeded, resumable): `snakemake train`. On generated phantoms,
+    or, with `training: coca_root:` set, fine-tuned from the shipped model on the
+    COCA-format annotations there. Writes a candidate model to results/model/;
+    copy it to src/cacflow/model/weights/ to ship it."""
     output:
         weights="results/model/calciumnet.pt",
         onnx="results/model/calciumnet.onnx",
         info="results/model/model.json",
+    params:
+        arguments=training_arguments(),
     # A fixed request: on a cluster the core count is not known when rules are read.
     threads: 8
     conda:
@@ -13,4 +16,4 @@ rule train:
     log:
         "results/logs/train.log",
     shell:
-        "cacflow train --work-dir results/training --model-dir results/model > {log} 2>&1"
+        "cacflow train {params.arguments} --model-dir results/model > {log} 2>&1"

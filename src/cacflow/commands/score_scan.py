@@ -55,7 +55,7 @@ def score_scan(dicom_dir, config: dict, engine: str = "auto", participant_id=Non
         work = Path(keep_dir) if keep_dir else Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
         if state["status"] == pipeline.PENDING:
-            pipeline.convert_visit(state, work)
+            pipeline.convert_visit(state, work, config)
         if state["status"] == pipeline.PENDING:
             inferer = pipeline.Inferer(engine, config)
             volume = load_volume(state["nifti_path"], state.get("slice_thickness_mm"))

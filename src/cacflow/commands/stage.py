@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     convert = stages.add_parser("convert", help="convert chosen series with dcm2niix")
     convert.add_argument("--visits", required=True, type=Path)
     convert.add_argument("--nifti-dir", required=True, type=Path)
+    convert.add_argument("--settings", required=True, type=json.loads)
     convert.add_argument("--out-visits", required=True, type=Path)
 
     infer = stages.add_parser("infer", help="label coronary calcium per vessel")
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.stage == "select":
         pipeline.stage_select(args.series, args.visits, args.settings, args.out_series, args.out_visits)
     elif args.stage == "convert":
-        pipeline.stage_convert(args.visits, args.nifti_dir, args.out_visits)
+        pipeline.stage_convert(args.visits, args.nifti_dir, args.settings, args.out_visits)
     elif args.stage == "infer":
         pipeline.stage_infer(args.visits, args.engine, args.settings, args.labels_dir, args.out_visits)
     elif args.stage == "score":

@@ -1,4 +1,5 @@
-"""``cacflow train``: train CalciumNet on generated phantoms (seeded, resumable)."""
+"""``cacflow train``: train CalciumNet on generated phantoms (seeded, resumable), or
+fine-tune it on COCA-format annotated scans (``--coca-root``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import logging
 from pathlib import Path
 
 NAME = "train"
-HELP = "train the coronary calcium network on generated phantoms (resumes from checkpoints)"
+HELP = ("train the coronary calcium network on generated phantoms, or fine-tune it on COCA-format "
+        "annotations (resumes from checkpoints)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,16 +19,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=20261126)
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
+    parser.add_argument("--learning-rate", type=float, default=None, help="peak of the one-cycle schedule")
+    parser.add_argument("--coca-root", type=Path, default=None,
+                        help="fine-tune on this COCA-format root (patient/<id>/<series>/, calcium_xml/<id>.xml)")
+    parser.add_argument("--init-weights", default=None,
+                        help="start from these weights: 'packaged' (the shipped model) or a calciumnet.pt")
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cacflow.model.engines import ModelFiles
     from cacflow.training import TrainingConfig, train
 
+    init_weights = args.init_weights
+    if init_weights == "packaged":
+        init_weights = str(ModelFiles.packaged().torch_path)
     config = TrainingConfig(
         work_dir=str(args.work_dir), model_dir=str(args.model_dir), seed=args.seed,
         n_volumes=args.volumes, steps=args.steps, workers=args.workers,
+        coca_root=str(args.coca_root) if args.coca_root else None, init_weights=init_weights,
     )
+    if args.learning_rate:
+        config.learning_rate = args.learning_rate
     info = train(config)
     logging.getLogger("cacflow.train").info("model %s written to %s", info["model_version"], args.model_dir)
     return 0
