@@ -61,4 +61,4 @@ def training_arguments():
             f"--init-weights packaged --steps {training.get('fine_tune_steps', 2000)} "
             f"--learning-rate {training.get('fine_tune_learning_rate', 0.0005)}"
         )
-    return f"--work-dir results/training --steps {training.get('steps', 5000)}"
+    return f"--work-dir results/training --steps {training.get('steps', 15000)}"
