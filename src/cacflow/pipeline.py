@@ -276,6 +276,13 @@ def convert_visit(visit: dict, nifti_dir: Path, settings: dict) -> dict:
     return visit
 
 
+def reason_codes(qc_reasons: str | None) -> list[str]:
+    """The QC codes of a ``qc_reasons`` value (codes joined by ``qc.LIST_SEPARATOR``)."""
+    from cacflow.qc import LIST_SEPARATOR
+
+    return [code for code in (qc_reasons or "").split(LIST_SEPARATOR) if code]
+
+
 def check_blood_pool(visit: dict, volume, settings: dict) -> None:
     """The image's own contrast check: a contrast-enhanced scan is not scored, an
     unmeasurable one is flagged (tags can be blank, so they are not enough)."""
@@ -289,8 +296,7 @@ def check_blood_pool(visit: dict, volume, settings: dict) -> None:
              "unmeasured" if measured.hu is None else f"{measured.hu:.0f} HU", measured.note)
     if check.status == PASS:
         return
-    codes = [code for code in (visit.get("qc_reasons") or "").split(LIST_SEPARATOR) if code]
-    visit["qc_reasons"] = LIST_SEPARATOR.join([*codes, check.code])
+    visit["qc_reasons"] = LIST_SEPARATOR.join([*reason_codes(visit.get("qc_reasons")), check.code])
     if check.status == FAIL:
         visit.update(qc_status=FAIL, status=NOT_SCORABLE, status_reason=f"{check.message} [{check.code}]")
     elif visit.get("qc_status") == PASS:
@@ -597,7 +603,7 @@ def apply_image_checks(series: list[dict], scans: list[dict]) -> None:
 
     found = {}
     for scan in scans:
-        codes = [c for c in (scan.get("qc_reasons") or "").split(LIST_SEPARATOR) if c in IMAGE_CHECK_CODES]
+        codes = [c for c in reason_codes(scan.get("qc_reasons")) if c in IMAGE_CHECK_CODES]
         if codes and scan.get("series_instance_uid"):
             found[(scan["participant_id"], scan["visit"], scan["series_instance_uid"])] = (codes, scan)
     for row in series:
@@ -605,7 +611,7 @@ def apply_image_checks(series: list[dict], scans: list[dict]) -> None:
         if hit is None:
             continue
         codes, scan = hit
-        old_codes = [c for c in (row.get("qc_reasons") or "").split(LIST_SEPARATOR) if c]
+        old_codes = reason_codes(row.get("qc_reasons"))
         row["qc_reasons"] = LIST_SEPARATOR.join([*old_codes, *(c for c in codes if c not in old_codes)])
         if "contrast_blood_pool" in codes:
             message = scan.get("status_reason") or "contrast-enhanced blood pool"
