@@ -1,11 +1,7 @@
-import os
 from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("CACFLOW_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-PHANTOM_DIR = SHARED_DATA / "qrm-phantom-canon"
+from shared_data import PHANTOM_DIR
 
 
 @pytest.fixture

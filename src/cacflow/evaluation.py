@@ -58,6 +58,10 @@ Z = float(stats.norm.ppf(0.5 + CONFIDENCE / 2))  # 1.959964...
 DEFAULT_BOOTSTRAP = 2000
 DEFAULT_SEED = 0
 METRICS_COLUMNS = ("metric", "stratum", "estimate", "ci_low", "ci_high", "n", "ci_method")
+# Reference column listing non-coronary calcium in the scan (';'-joined kinds, '' for
+# none), as the generated cohorts' reference_scores.tsv has it.
+NONCORONARY_COLUMN = "noncoronary_calcium"
+NONCORONARY_ZERO_TARGET = 0.95  # issue: >= 95 % of such scans without coronary calcium score 0
 ALL = "all"
 
 CI_WILSON = "Wilson score"
@@ -195,6 +199,8 @@ def match_tables(predicted: pd.DataFrame, reference: pd.DataFrame) -> Match:
     for column in SCORE_COLUMNS:
         pairs[f"predicted_{column}"] = matched[column].astype(float)
         pairs[f"reference_{column}"] = matched_ref[column].astype(float)
+    if NONCORONARY_COLUMN in matched_ref:  # generated references record it; others may not
+        pairs[f"reference_{NONCORONARY_COLUMN}"] = matched_ref[NONCORONARY_COLUMN].astype("string").fillna("")
     compared = scored & has_reference
     pairs = pairs[compared].reset_index(drop=True)
     pairs["predicted_risk_category"] = [_risk(v) for v in pairs["predicted_agatston_total"]]
@@ -429,6 +435,24 @@ def threshold_metrics(pairs: pd.DataFrame, cutoffs: Iterable[float] = AGREEMENT_
     return results
 
 
+def noncoronary_calcium_zeros(pairs: pd.DataFrame) -> dict | None:
+    """Scans whose reference has no coronary calcium but some other calcium (aortic
+    wall or valve, mitral annulus; bone is in every scan): the share the model scored
+    0 (Wilson CI), and the scans it did not. None when the reference does not record
+    non-coronary calcium."""
+    column = f"reference_{NONCORONARY_COLUMN}"
+    if column not in pairs:
+        return None
+    kinds = pairs[column].astype("string").fillna("")
+    subset = pairs[(pairs["reference_agatston_total"] == 0) & (kinds != "")]
+    zero = subset["predicted_agatston_total"].to_numpy(dtype=float) == 0
+    result = _proportion(int(zero.sum()), len(subset))
+    result["count"] = int(zero.sum())
+    result["target"] = NONCORONARY_ZERO_TARGET
+    result["not_zero"] = subset.loc[~zero, [*KEYS, column, "predicted_agatston_total"]].reset_index(drop=True)
+    return result
+
+
 # --------------------------------------------------------------------------- ICC
 
 
@@ -573,6 +597,7 @@ def evaluate_pairs(pairs: pd.DataFrame, *, n_bootstrap: int = DEFAULT_BOOTSTRAP,
         "bland_altman": bland_altman(pairs),
         "bland_altman_log": bland_altman(pairs, log=True),
         "vessels": vessel_agreement(pairs, **options),
+        "noncoronary_zeros": noncoronary_calcium_zeros(pairs),
     }
 
 
@@ -629,6 +654,8 @@ def metrics_table(results: dict) -> pd.DataFrame:
                         ("log1p_agatston_total", result["bland_altman_log"])):
             for measure in ("mean_difference", "sd_difference", "loa_lower", "loa_upper"):
                 add(f"{key}.{measure}", stratum, ba[measure])
+        if result.get("noncoronary_zeros") is not None:
+            add("noncoronary_calcium_only.share_scored_zero", stratum, result["noncoronary_zeros"])
         for vessel in result["vessels"]:
             prefix = f"agatston_{vessel['vessel']}"
             add(f"{prefix}.icc", stratum, vessel["icc"])
@@ -680,6 +707,10 @@ def summary_lines(results: dict) -> list[str]:
         if first:
             parts += [f"CAC>=1 sensitivity {_estimate_ci(first['sensitivity'], percent=True)}",
                       f"specificity {_estimate_ci(first['specificity'], percent=True)}"]
+        zeros = result.get("noncoronary_zeros")
+        if zeros is not None and zeros["n"]:
+            parts.append(f"only non-coronary calcium: {zeros['count']}/{zeros['n']} scored 0 "
+                         f"({_estimate_ci(zeros, percent=True)})")
         lines.append("; ".join(parts))
     return lines
 
@@ -699,6 +730,7 @@ def render_evaluation(results: dict, out_html: str | os.PathLike, *,
         ("thresholds", "Detection at CAC thresholds", _thresholds_html(results)),
         ("continuous", "ICC and Bland-Altman", _continuous_html(results, overall, match.pairs)),
         ("vessels", "Per-vessel agreement", _vessels_html(results)),
+        ("noncoronary", "Calcium outside the coronary arteries", _noncoronary_html(results)),
         ("methods", "Methods", _methods_html(results)),
     ]
     return write_html_page(title, sections, out_html)
@@ -846,6 +878,28 @@ def _vessels_html(results: dict) -> str:
             + _table("vessel-agreement", ["stratum", "vessel", "n", "reference with calcium", "predicted with calcium",
                                           "ICC(2,1) (95% CI)", "mean difference (95% CI)",
                                           "any-calcium agreement (95% CI)", "any-calcium kappa (95% CI)"], rows))
+
+
+def _noncoronary_html(results: dict) -> str:
+    if all(result.get("noncoronary_zeros") is None for result in results["strata"].values()):
+        return (f'<p class="muted">The reference table has no {NONCORONARY_COLUMN} column, so scans with '
+                "only non-coronary calcium cannot be picked out.</p>")
+    rows, misses = [], []
+    for name, result in results["strata"].items():
+        zeros = result["noncoronary_zeros"]
+        rows.append((name, zeros["n"], zeros["count"], _estimate_ci(zeros, percent=True),
+                     f"\u2265 {zeros['target']:.0%}"))
+        if name == ALL:
+            misses = [(r.participant_id, r.visit, getattr(r, f"reference_{NONCORONARY_COLUMN}"),
+                       _num(r.predicted_agatston_total, 1)) for r in zeros["not_zero"].itertuples()]
+    text = ("<p>Scans whose reference has no coronary calcium but calcium elsewhere (aortic wall or valve, "
+            "mitral annulus, besides bone): a model that calls none of it coronary scores them 0. "
+            "Share scored 0 with a Wilson 95% CI.</p>"
+            + _table("noncoronary-zeros", ["stratum", "scans", "scored 0", "share scored 0 (95% CI)", "target"], rows))
+    if misses:
+        text += _table("noncoronary-misses", ["participant", "visit", "non-coronary calcium", "predicted Agatston"],
+                       misses)
+    return text
 
 
 def _methods_html(results: dict) -> str:

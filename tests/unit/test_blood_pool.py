@@ -6,14 +6,13 @@ Ground truth comes from the phantom generator's definition of blood (40 HU, plus
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cacflow.blood_pool import measure_blood_pool
 from cacflow.synth.phantom import PhantomSettings, generate_phantom
+from shared_data import PHANTOM_DIR
 
 UNENHANCED_BLOOD_HU = 40.0  # the generator's blood; its myocardium is 45 HU
 IODINE_HU_AT_120_KVP = 310.0
@@ -78,8 +77,7 @@ def test_a_volume_without_lungs_is_unmeasured():
     assert "lungs" in measured.note
 
 
-SHARED_DATA = Path(os.environ.get("CACFLOW_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
-QRM_PHANTOM = SHARED_DATA / "qrm-phantom-canon"
+QRM_PHANTOM = PHANTOM_DIR
 
 
 def test_real_qrm_phantom_is_not_called_contrast(tmp_path):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +23,7 @@ from cacflow.calibration import (
 )
 from cacflow.scoring import ScoringSettings, score_volume
 from cacflow.volume import Volume
+from shared_data import PHANTOM_DIR, PHANTOM_REFERENCE_CSV, SHARED_DATA
 
 PIXEL_MM = 0.5
 ROD_HU, WATER_HU, BODY_HU = 310.0, 30.0, 60.0
@@ -158,10 +157,7 @@ def test_inserts_need_a_calibration():
 
 # --- the real QRM phantom (Canon Aquilion ONE, 120 kVp, 3 mm) ----------------------------
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = Path(os.environ.get("CACFLOW_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-PHANTOM = SHARED_DATA / "qrm-phantom-canon"
-REFERENCE_CSV = SHARED_DATA / "qrm-phantom-canon.reference.csv"
+PHANTOM, REFERENCE_CSV = PHANTOM_DIR, PHANTOM_REFERENCE_CSV
 MOLLOILAB_C = 0.000722  # derived by the MolloiLab software on the same scan
 
 

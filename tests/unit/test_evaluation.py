@@ -359,7 +359,8 @@ def test_report_renders_every_section(tmp_path):
     text = path.read_text()
     parser = Sections()
     parser.feed(text)
-    assert parser.sections == ["run", "matching", "risk", "thresholds", "continuous", "vessels", "methods"]
+    assert parser.sections == ["run", "matching", "risk", "thresholds", "continuous", "vessels", "noncoronary",
+                               "methods"]
     for table_id in ("match-counts", "not-scored", "risk-summary", "risk-confusion-all", "risk-confusion-gated",
                      "risk-confusion-nongated", "threshold-metrics", "continuous-agreement", "vessel-agreement"):
         assert table_id in parser.tables
@@ -368,6 +369,41 @@ def test_report_renders_every_section(tmp_path):
     assert all(link.startswith("#") for link in parser.links)  # self-contained
     assert "<script>" not in text and "&lt;script&gt;" in text
     assert "kappa" in text and "Wilson" in text and "ICC(2,1)" in text
+
+
+def test_noncoronary_calcium_zeros_by_hand(tmp_path):
+    # Five scans without coronary calcium: four hold aortic/valve/mitral calcium, one
+    # only bone (''), and one of the four was scored 12. A scan with coronary calcium
+    # and aortic calcium is not a "non-coronary only" scan.
+    predicted, reference = scans_rows()
+    reference["noncoronary_calcium"] = ""
+    zero_rows = reference.index[reference["agatston_total"] == 0].tolist()  # P000, P001, P002, P013
+    assert len(zero_rows) == 4
+    reference.loc[zero_rows[:3], "noncoronary_calcium"] = ["aortic_valve", "aortic_wall;mitral_annulus", "aortic_wall"]
+    reference.loc[5, "noncoronary_calcium"] = "aortic_wall"  # P005 has coronary calcium too
+    predicted.loc[zero_rows, "agatston_total"] = [0.0, 12.0, 0.0, 0.0]  # P001 is called coronary
+    results = evaluation.evaluate(predicted, reference, n_bootstrap=50, seed=1)
+    zeros = results["strata"]["all"]["noncoronary_zeros"]
+    assert (zeros["n"], zeros["count"]) == (3, 2)
+    assert zeros["estimate"] == pytest.approx(2 / 3)
+    assert (zeros["ci_low"], zeros["ci_high"]) == pytest.approx(wilson_interval(2, 3))
+    assert zeros["not_zero"]["participant_id"].tolist() == ["P001"]
+    per_type = {name: r["noncoronary_zeros"]["n"] for name, r in results["strata"].items()}
+    assert per_type == {"all": 3, "gated": 2, "nongated": 1}  # scan_type: nongated when index % 3 == 0
+    table = evaluation.metrics_table(results)
+    row = table[(table["metric"] == "noncoronary_calcium_only.share_scored_zero") & (table["stratum"] == "all")]
+    assert row["estimate"].iloc[0] == pytest.approx(2 / 3) and row["n"].iloc[0] == 3
+    text = evaluation.render_evaluation(results, tmp_path / "r.html").read_text()
+    assert 'id="noncoronary-zeros"' in text and 'id="noncoronary-misses"' in text and "aortic_wall;mitral_annulus" in text
+    assert any("only non-coronary calcium: 2/3 scored 0" in line for line in evaluation.summary_lines(results))
+
+
+def test_noncoronary_calcium_zeros_absent_without_the_reference_column(tmp_path):
+    predicted, reference = scans_rows()
+    results = evaluation.evaluate(predicted, reference, n_bootstrap=0)
+    assert results["strata"]["all"]["noncoronary_zeros"] is None
+    assert "noncoronary_calcium_only.share_scored_zero" not in set(evaluation.metrics_table(results)["metric"])
+    assert "cannot be picked out" in evaluation.render_evaluation(results, tmp_path / "r.html").read_text()
 
 
 def test_report_with_no_pairs(tmp_path):

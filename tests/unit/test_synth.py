@@ -275,6 +275,35 @@ def test_planted_identifiers_in_dicom_not_in_ground_truth(tiny_cohort):
             assert b"CANARY" not in data, path
 
 
+def test_cohort_records_noncoronary_calcium(tiny_cohort):
+    references = _read_tsv(tiny_cohort.parent / "ground_truth" / "reference_scores.tsv")
+    assert all("noncoronary_calcium" in r for r in references)
+    plain = ph.generate_phantom(5, ph.PhantomSettings(rows=128, cols=128, pixel_spacing_mm=1.2, n_slices=20,
+                                                      n_coronary_lesions=0, include_distractors=False))
+    assert cohort_module.noncoronary_calcium(plain) == ""
+    found = set()
+    for seed in range(6):
+        phantom = ph.generate_phantom(seed, ph.PhantomSettings(rows=128, cols=128, pixel_spacing_mm=1.2,
+                                                               n_coronary_lesions=0))
+        kinds = cohort_module.noncoronary_calcium(phantom)
+        listed = set(kinds.split(";")) - {""}
+        assert listed <= set(cohort_module.NONCORONARY_CALCIUM_KINDS)
+        # every listed kind is a calcified distractor of the phantom with voxels >= 130 HU
+        for kind in listed:
+            assert any(d["kind"] == kind and d["agatston_if_scored"] > 0 for d in phantom.distractors)
+        found |= listed
+    assert found  # six patients hold some aortic, valve or mitral calcium
+
+
+def test_random_participants_mix_nongated_scans_and_zero_calcium():
+    plans = cohort_module._plans(412, "demo", seed=7)[len(cohort_module._DEMO_PLANS):]
+    assert len(plans) == 400
+    chest_only = [p for p in plans if "calcium_score" not in p.kinds]
+    assert all("chest" in p.kinds for p in chest_only)
+    assert 0.19 < len(chest_only) / len(plans) < 0.31  # a quarter, binomial SD 2.2 %
+    assert 0.24 < sum(p.target == 0 for p in plans) / len(plans) < 0.36  # 30 %, SD 2.3 %
+
+
 def test_demo_plans_cover_every_risk_category():
     gated = [p for p in cohort_module._DEMO_PLANS if "calcium_score" in p.kinds]
     categories = [ph.risk_category(p.target) for p in gated]

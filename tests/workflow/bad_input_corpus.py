@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -42,8 +43,10 @@ from pydicom.uid import (
 from cacflow.synth.dicom_writer import SliceStack, localizer_from_phantom, stack_from_phantom, uid, write_series
 from cacflow.synth.phantom import PhantomSettings, generate_phantom
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-QRM_PHANTOM_DIR = Path(os.environ.get("CACFLOW_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")) / "qrm-phantom-canon"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, also when run as a script
+from shared_data import PHANTOM_DIR, REPO_ROOT  # noqa: E402
+
+QRM_PHANTOM_DIR = PHANTOM_DIR
 VISIT = "baseline"
 SCORED, NOT_SCORABLE, FAILED = "scored", "not_scorable", "failed"
 

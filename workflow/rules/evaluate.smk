@@ -5,7 +5,7 @@
 # Settings: the optional `evaluation:` config section; these are the defaults.
 
 EVALUATION = {
-    "participants": 24,
+    "participants": 120,
     "seed": 777001,
     "bootstrap": 2000,
     "bootstrap_seed": 0,

@@ -40,8 +40,11 @@ SCORE_COLUMNS = (
 )
 REFERENCE_COLUMNS = (
     "participant_id", "visit", "expected_status", "series_instance_uid", "series_kind", "gated", "ecg_tags_blank",
-    "kvp", "slice_thickness_mm", "slice_increment_mm", "pixel_spacing_mm", *SCORE_COLUMNS,
+    "kvp", "slice_thickness_mm", "slice_increment_mm", "pixel_spacing_mm", *SCORE_COLUMNS, "noncoronary_calcium",
 )
+# Calcified structures outside the coronary arteries that the generator may add (bone is
+# in every scan): a scan holding some but no coronary calcium must score 0.
+NONCORONARY_CALCIUM_KINDS = ("aortic_valve", "aortic_wall", "mitral_annulus")
 LESION_COLUMNS = (
     "participant_id", "visit", "lesion_id", "vessel", "z_mm", "y_mm", "x_mm", "semi_axis_1_mm", "semi_axis_2_mm",
     "semi_axis_3_mm", "density_hu", "distance_from_ostium_mm", "n_slices", "agatston", "volume_mm3", "n_voxels",
@@ -242,6 +245,7 @@ def _write_truth(out_dir: Path, plan: _Visit, scored, scored_kind, series_rows) 
             ecg_tags_blank=plan.blank_gating and meta["gated"], kvp=meta["kvp"],
             slice_thickness_mm=meta["slice_thickness_mm"], slice_increment_mm=meta["slice_increment_mm"],
             pixel_spacing_mm=meta["pixel_spacing_mm"], **{c: phantom.reference[c] for c in SCORE_COLUMNS},
+            noncoronary_calcium=noncoronary_calcium(phantom),
         )
         for lesion in phantom.lesions:
             z, y, x = lesion["centre_zyx_mm"]
@@ -259,6 +263,14 @@ def _write_truth(out_dir: Path, plan: _Visit, scored, scored_kind, series_rows) 
     return {"reference": reference_row, "lesions": lesion_rows, "series": series_rows}
 
 
+def noncoronary_calcium(phantom: Phantom) -> str:
+    """The kinds of non-coronary calcium visible in the scan (some voxels >= 130 HU),
+    ';'-joined: the reference's record of what a model must not call coronary."""
+    kinds = {d["kind"] for d in phantom.distractors
+             if d["kind"] in NONCORONARY_CALCIUM_KINDS and d.get("agatston_if_scored", 0) > 0}
+    return ";".join(sorted(kinds))
+
+
 def _write_tsv(path: Path, columns, rows) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, delimiter="\t", lineterminator="\n")
@@ -266,8 +278,14 @@ def _write_tsv(path: Path, columns, rows) -> None:
         writer.writerows(rows)
 
 
+_RANDOM_CATEGORY_SHARES = (0.3, 0.175, 0.175, 0.175, 0.175)  # RISK_CATEGORIES order: "0" first
+
+
 def _plans(n_participants: int, size: str, seed: int) -> list[_Visit]:
-    """The hand-made plans, then random participants beyond them."""
+    """The hand-made plans, then random participants beyond them: a quarter with a
+    non-gated chest scan only (the non-gated stratum of an evaluation), and zero
+    calcium more often than each other category (the zero-calcium scans, with bone
+    and often aortic, valve or mitral calcium, test that nothing else is called coronary)."""
     fixed = _PLANS[size]
     participants = sorted({p.participant for p in fixed})
     plans = [p for p in fixed if p.participant in participants[:n_participants]]
@@ -275,9 +293,12 @@ def _plans(n_participants: int, size: str, seed: int) -> list[_Visit]:
     vendors, layouts = ("siemens", "ge", "philips", "canon"), ("flat", "series_folders", "dated", "bare")
     extras = ("localizer", "thin", "low_kvp", "cta", "chest")
     for index in range(len(participants) + 1, n_participants + 1):
-        category = RISK_CATEGORIES[int(rng.integers(len(RISK_CATEGORIES)))]
+        category = RISK_CATEGORIES[int(rng.choice(len(RISK_CATEGORIES), p=_RANDOM_CATEGORY_SHARES))]
         target = {"0": 0.0, "1-10": 5.0, "11-100": 40.0, "101-400": 200.0, ">400": 800.0}[category]
-        kinds = ("calcium_score", *sorted(rng.choice(extras, size=int(rng.integers(0, 3)), replace=False)))
+        if rng.random() < 0.25:
+            kinds = ("localizer", "chest") if rng.random() < 0.5 else ("chest",)
+        else:
+            kinds = ("calcium_score", *sorted(rng.choice(extras, size=int(rng.integers(0, 3)), replace=False)))
         plans.append(_Visit(f"P{index:03d}", "baseline", target, kinds, str(rng.choice(vendors)), str(rng.choice(layouts))))
     return plans
 
