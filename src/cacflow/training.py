@@ -42,8 +42,8 @@ class TrainingConfig:
     work_dir: str
     model_dir: str
     seed: int = 20261126
-    n_volumes: int = 200
-    steps: int = 15000
+    n_volumes: int = 400
+    steps: int = 20000
     batch_size: int = 8
     crop: int = 96  # 144 mm at 1.5 mm: enough context to tell the arteries apart
     learning_rate: float = 2e-3
