@@ -1,0 +1,37 @@
+"""The model-check script behind the model card's figures runs, and its sets are what
+they claim: the non-coronary set holds no coronary calcium but visible aortic, valve
+or mitral calcium; the shares are computed from the per-scan rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from cacflow.synth.cohort import NONCORONARY_CALCIUM_KINDS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_model_checks_script_on_one_scan_each():
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "benchmarks" / "model_checks.py"), str(REPO / "src" / "cacflow" / "model" / "weights"),
+         "--validation", "0", "--holdout", "1", "--noncoronary", "2", "--workers", "1", "--scans"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    results = {r["check"]: r for r in map(json.loads, completed.stdout.splitlines())}
+    assert set(results) == {"holdout", "noncoronary"}  # --validation 0 skips it
+    holdout = results["holdout"]
+    assert holdout["seed"] == 99_000_001 and len(holdout["scans"]) == 1
+    scan = holdout["scans"][0]
+    assert holdout["mean_abs_agatston_error"] == abs(scan["predicted"] - scan["reference"])
+    noncoronary = results["noncoronary"]
+    assert noncoronary["seed"] == 31_000_001 and len(noncoronary["scans"]) == 2
+    for row in noncoronary["scans"]:
+        assert row["reference"] == 0  # no coronary calcium
+        assert set(row["noncoronary_calcium"].split(";")) <= set(NONCORONARY_CALCIUM_KINDS)
+        assert row["noncoronary_calcium"]
+    zero = [row["predicted"] == 0 for row in noncoronary["scans"]]
+    assert noncoronary["share_scored_zero"] == sum(zero) / 2
