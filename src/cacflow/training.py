@@ -341,23 +341,34 @@ def export(network, config: TrainingConfig, history: list) -> dict:
     return info
 
 
+def _phantom_scorer(model_dir: str, workers: int):
+    """phantom -> its ScanScore with the exported ONNX model of ``model_dir`` (loaded once)."""
+    from cacflow.inference import CalciumSegmenter
+    from cacflow.model.engines import ModelFiles, OnnxRuntimeEngine
+    from cacflow.scoring import score_volume
+
+    segmenter = CalciumSegmenter(OnnxRuntimeEngine(ModelFiles(Path(model_dir)), threads=workers))
+
+    def score(phantom):
+        labels = segmenter.segment(phantom.hu, phantom.spacing_mm).labels
+        return score_volume(phantom.hu, labels, phantom.spacing_mm, z_positions_mm=phantom.z_positions_mm)
+
+    return score
+
+
 def holdout_check(model_dir: str, n_scans: int = 40, seed: int = 99_000_001, workers: int = 2) -> dict:
     """Score generated scans never used in training (other seeds) with the exported
     ONNX model and compare with their reference scores: risk-category agreement,
     CAC > 0 detection, and the mean absolute Agatston error."""
-    from cacflow.inference import CalciumSegmenter
-    from cacflow.model.engines import ModelFiles, OnnxRuntimeEngine
-    from cacflow.scoring import score_volume
     from cacflow.synth.phantom import generate_phantom
 
-    segmenter = CalciumSegmenter(OnnxRuntimeEngine(ModelFiles(Path(model_dir)), threads=workers))
+    score = _phantom_scorer(model_dir, workers)
     rng = np.random.default_rng(seed)
     rows = []
     for index in range(n_scans):
         settings = randomised_phantom_settings(rng)
         phantom = generate_phantom(int(rng.integers(2**31)), settings)
-        labels = segmenter.segment(phantom.hu, phantom.spacing_mm).labels
-        predicted = score_volume(phantom.hu, labels, phantom.spacing_mm, z_positions_mm=phantom.z_positions_mm)
+        predicted = score(phantom)
         rows.append({
             "gated": settings.gated, "reference": phantom.reference["agatston_total"],
             "reference_category": phantom.reference["risk_category"],
@@ -388,13 +399,10 @@ def noncoronary_check(model_dir: str, n_scans: int = 40, seed: int = 31_000_001,
     0 (the issue asks at least 95 %). Phantoms without such calcium are drawn again."""
     from dataclasses import replace
 
-    from cacflow.inference import CalciumSegmenter
-    from cacflow.model.engines import ModelFiles, OnnxRuntimeEngine
-    from cacflow.scoring import score_volume
     from cacflow.synth.cohort import noncoronary_calcium
     from cacflow.synth.phantom import generate_phantom
 
-    segmenter = CalciumSegmenter(OnnxRuntimeEngine(ModelFiles(Path(model_dir)), threads=workers))
+    score = _phantom_scorer(model_dir, workers)
     rng = np.random.default_rng(seed)
     rows = []
     while len(rows) < n_scans:
@@ -403,8 +411,7 @@ def noncoronary_check(model_dir: str, n_scans: int = 40, seed: int = 31_000_001,
         kinds = noncoronary_calcium(phantom)
         if not kinds:
             continue
-        labels = segmenter.segment(phantom.hu, phantom.spacing_mm).labels
-        predicted = score_volume(phantom.hu, labels, phantom.spacing_mm, z_positions_mm=phantom.z_positions_mm)
+        predicted = score(phantom)
         devices = sorted({d["kind"] for d in phantom.distractors} & {"stent", "sternal_wires", "pacemaker_lead"})
         rows.append({"gated": settings.gated, "noncoronary_calcium": kinds, "devices": ";".join(devices),
                      "reference": phantom.reference["agatston_total"], "predicted": predicted.agatston_total})

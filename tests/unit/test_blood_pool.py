@@ -12,7 +12,6 @@ import pytest
 
 from cacflow.blood_pool import measure_blood_pool
 from cacflow.synth.phantom import PhantomSettings, generate_phantom
-from shared_data import PHANTOM_DIR
 
 UNENHANCED_BLOOD_HU = 40.0  # the generator's blood; its myocardium is 45 HU
 IODINE_HU_AT_120_KVP = 310.0
@@ -77,17 +76,12 @@ def test_a_volume_without_lungs_is_unmeasured():
     assert "lungs" in measured.note
 
 
-QRM_PHANTOM = PHANTOM_DIR
-
-
-def test_real_qrm_phantom_is_not_called_contrast(tmp_path):
+def test_real_qrm_phantom_is_not_called_contrast(tmp_path, phantom_dir):
     """The real phantom (a thorax phantom, no blood, no lungs) must never be failed as contrast."""
-    if not QRM_PHANTOM.is_dir():
-        pytest.skip(f"the real QRM phantom scan is not at {QRM_PHANTOM}")
     from cacflow.convert import convert_series, load_volume
 
     target = tmp_path / "qrm.nii"
-    convert_series(sorted(p for p in QRM_PHANTOM.iterdir() if p.is_file()), target)
+    convert_series(sorted(p for p in phantom_dir.iterdir() if p.is_file()), target)
     volume = load_volume(target)
     measured = measure_blood_pool(volume.hu, volume.spacing_mm)
     assert not measured.enhanced
