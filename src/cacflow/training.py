@@ -56,6 +56,27 @@ class TrainingConfig:
     notes: dict = field(default_factory=dict)
     coca_root: str | None = None  # fine-tune on COCA-format annotations instead of phantoms
     init_weights: str | None = None  # start from these weights (calciumnet.pt)
+    device: str = "auto"  # auto (a CUDA GPU when there is one, else the CPU) | cpu | cuda
+
+
+TRAINING_DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_training_device(requested: str) -> str:
+    """The torch device training runs on. ``auto`` takes a CUDA GPU when torch sees
+    one; asking for ``cuda`` where there is none is an error, not a silent CPU run
+    (a job sized for a GPU would take hours on a CPU)."""
+    import torch
+
+    if requested not in TRAINING_DEVICES:
+        raise ValueError(f"unknown training device {requested!r}: use one of {', '.join(TRAINING_DEVICES)}")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("training device 'cuda' was asked for, but torch sees no CUDA GPU on this node "
+                           f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+                           "use --device auto or cpu, or run on a GPU node")
+    return requested
 
 
 def randomised_phantom_settings(rng: np.random.Generator):
@@ -243,6 +264,9 @@ def train(config: TrainingConfig) -> dict:
     from cacflow.model.network import CalciumNet
 
     torch.manual_seed(config.seed)
+    device = resolve_training_device(config.device)
+    config.notes["trained_on"] = device if device == "cpu" else torch.cuda.get_device_name(0)
+    log.info("training on %s", config.notes["trained_on"])
     if config.coca_root:
         data_dir = Path(config.work_dir) / "dataset"
         n_volumes = build_coca_dataset(config.coca_root, data_dir)
@@ -255,11 +279,14 @@ def train(config: TrainingConfig) -> dict:
         config.notes["initial_weights_sha256"] = _sha256(config.init_weights)
     if config.coca_root:
         config.notes["training_data"] = f"COCA-format annotations, {n_volumes} patients"
+    network.to(device)
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.learning_rate, total_steps=config.steps)
     rng = np.random.default_rng([config.seed, 1])
     step, history = 0, []
     if checkpoint_path.exists():
+        # Loaded onto the CPU and copied into the network and optimiser wherever they
+        # are: a run checkpointed on a GPU node resumes on a CPU one and back.
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         network.load_state_dict(state["network"])
         optimiser.load_state_dict(state["optimiser"])
@@ -269,12 +296,13 @@ def train(config: TrainingConfig) -> dict:
         step, history = state["step"], state["history"]
         log.info("resumed from step %d", step)
     sampler = CropSampler(data_dir, n_volumes, config.crop, rng)
-    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(config.class_weights), ignore_index=IGNORE_INDEX)
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(config.class_weights, device=device),
+                                  ignore_index=IGNORE_INDEX)
     network.train()
     started, running = time.perf_counter(), []
     while step < config.steps:
         x, y = sampler.batch(config.batch_size)
-        loss = loss_fn(network(torch.from_numpy(x)), torch.from_numpy(y))
+        loss = loss_fn(network(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device))
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -292,7 +320,7 @@ def train(config: TrainingConfig) -> dict:
                         "schedule": schedule.state_dict(), "rng": rng.bit_generator.state,
                         "torch_rng": torch.get_rng_state(), "step": step, "history": history}, tmp)
             tmp.replace(checkpoint_path)
-    network.eval()
+    network.to("cpu").eval()
     return export(network, config, history)
 
 
@@ -334,7 +362,7 @@ def export(network, config: TrainingConfig, history: list) -> dict:
         "onnx_max_abs_diff_vs_torch": max_error,
         # Paths stay out: they can name a site or a person.
         "training": {k: v for k, v in asdict(config).items()
-                     if k not in ("work_dir", "model_dir", "coca_root", "init_weights")},
+                     if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device")},
         "loss_history": history,
     }
     (model_dir / "model.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -111,9 +111,11 @@ def test_snakemake_train_fine_tunes_when_the_config_names_a_coca_root(tmp_path):
                "-n", "-p", "train"]
     plain = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr[-2000:]
-    assert "--work-dir results/training --volumes 400 --steps 20000" in plain.stdout and "--coca-root" not in plain.stdout
+    assert "--work-dir results/training --volumes 400 --steps 20000 --device auto" in plain.stdout
+    assert "--coca-root" not in plain.stdout
     extra = tmp_path / "coca.yaml"
-    extra.write_text("training:\n  coca_root: /data/my coca\n  fine_tune_steps: 700\n")
+    extra.write_text("training:\n  coca_root: /data/my coca\n  fine_tune_steps: 700\n  device: cuda\n")
     tuned = subprocess.run([*command, "--configfile", str(extra)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     assert "--coca-root '/data/my coca' --init-weights packaged --steps 700" in tuned.stdout
+    assert "--device cuda" in tuned.stdout

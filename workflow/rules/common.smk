@@ -55,11 +55,12 @@ def withdrawals_file(wildcards):
 def training_arguments():
     """`cacflow train` arguments: phantoms, or fine-tuning the shipped model on COCA."""
     training = config.get("training", {})
+    device = f"--device {training.get('device', 'auto')}"
     if training.get("coca_root"):
         return (
             f"--work-dir results/training_coca --coca-root {shlex.quote(str(training['coca_root']))} "
             f"--init-weights packaged --steps {training.get('fine_tune_steps', 2000)} "
-            f"--learning-rate {training.get('fine_tune_learning_rate', 0.0005)}"
+            f"--learning-rate {training.get('fine_tune_learning_rate', 0.0005)} {device}"
         )
     return (f"--work-dir results/training --volumes {training.get('volumes', 400)} "
-            f"--steps {training.get('steps', 20000)}")
+            f"--steps {training.get('steps', 20000)} {device}")

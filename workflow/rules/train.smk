@@ -11,6 +11,10 @@ rule train:
         arguments=training_arguments(),
     # A fixed request: on a cluster the core count is not known when rules are read.
     threads: 8
+    resources:
+        # Used when there is one (`training: device: auto`); see docs/slurm.md for
+        # clusters without GPUs.
+        gpu=1,
     conda:
         CONDA_ENV
     log:

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=None, help="peak of the one-cycle schedule")
     parser.add_argument("--coca-root", type=Path, default=None,
                         help="fine-tune on this COCA-format root (patient/<id>/<series>/, calcium_xml/<id>.xml)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: a CUDA GPU when torch sees one, else the CPU; cuda: fail without one")
     parser.add_argument("--init-weights", default=None,
                         help="start from these weights: 'packaged' (the shipped model) or a calciumnet.pt")
 
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         work_dir=str(args.work_dir), model_dir=str(args.model_dir), seed=args.seed,
         n_volumes=args.volumes, steps=args.steps, workers=args.workers,
         coca_root=str(args.coca_root) if args.coca_root else None, init_weights=init_weights,
+        device=args.device,
     )
     if args.learning_rate:
         config.learning_rate = args.learning_rate

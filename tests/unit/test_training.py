@@ -1,0 +1,103 @@
+"""Training runs where it is asked to, and a run that is killed resumes to the very
+weights an uninterrupted run reaches (the checkpoint carries model, optimiser,
+schedule and both random generators)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cacflow import cli, training
+from cacflow.training import TrainingConfig, build_dataset, resolve_training_device
+
+SMALL_NETWORK = (8, 8, 16, 16, 16)
+
+
+def test_auto_trains_on_a_gpu_when_torch_sees_one():
+    assert resolve_training_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_training_device("cpu") == "cpu"
+
+
+def test_asking_for_a_gpu_where_there_is_none_fails_with_a_reason():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        resolve_training_device("cuda")
+    with pytest.raises(ValueError, match="unknown training device 'tpu'"):
+        resolve_training_device("tpu")
+
+
+@pytest.fixture(scope="module")
+def two_phantom_dataset(tmp_path_factory):
+    """Two generated training volumes, shared by the runs below (build_dataset skips
+    volumes already on disk)."""
+    work = tmp_path_factory.mktemp("dataset_work")
+    build_dataset(TrainingConfig(work_dir=str(work), model_dir=str(work / "unused"), n_volumes=2, workers=1))
+    return work / "dataset"
+
+
+def _config(tmp_path, name, dataset):
+    work = tmp_path / name
+    work.mkdir()
+    (work / "dataset").symlink_to(dataset, target_is_directory=True)
+    return TrainingConfig(work_dir=str(work), model_dir=str(work / "model"), n_volumes=2, steps=6,
+                          batch_size=2, widths=SMALL_NETWORK, checkpoint_every=1, workers=1, device="cpu")
+
+
+def _weights(config):
+    return torch.load(f"{config.model_dir}/calciumnet.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One thread: CPU kernels are then bit-reproducible from run to run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, two_phantom_dataset, monkeypatch,
+                                                             one_torch_thread):
+    straight = _config(tmp_path, "straight", two_phantom_dataset)
+    training.train(straight)
+
+    killed = _config(tmp_path, "killed", two_phantom_dataset)
+    real_batch, calls = training.CropSampler.batch, []
+
+    def batch_then_die(self, size):
+        calls.append(size)
+        if len(calls) == 4:  # steps 1-3 done and checkpointed: the node dies in step 4
+            raise KeyboardInterrupt("node killed")
+        return real_batch(self, size)
+
+    monkeypatch.setattr(training.CropSampler, "batch", batch_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(killed)
+    monkeypatch.setattr(training.CropSampler, "batch", real_batch)
+    assert torch.load(f"{killed.work_dir}/checkpoint.pt", weights_only=False)["step"] == 3
+    training.train(killed)
+
+    expected, resumed = _weights(straight), _weights(killed)
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+    # ...and training did move the weights: the comparison is not between two copies
+    # of the initialisation.
+    torch.manual_seed(straight.seed)
+    from cacflow.model.network import CalciumNet
+    from cacflow.model.preprocessing import N_INPUT_CHANNELS
+
+    initial = CalciumNet(N_INPUT_CHANNELS, SMALL_NETWORK).state_dict()
+    assert any(not torch.equal(initial[name], expected[name]) for name in expected if name.endswith("weight"))
+    info = json.loads((tmp_path / "killed" / "model" / "model.json").read_text())
+    assert info["training"]["notes"]["trained_on"] == "cpu"
+    assert [h["step"] for h in info["loss_history"]] == list(range(1, 7))
+
+
+def test_cli_refuses_an_unknown_device(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m"), "--device", "gpu0"])
+    assert "invalid choice: 'gpu0'" in capsys.readouterr().err
