@@ -1,12 +1,14 @@
 """Figures of a trained model on generated scans it never saw (the model card's numbers).
 
     python tests/benchmarks/model_checks.py src/cacflow/model/weights \\
-        [--validation 60] [--holdout 40] [--noncoronary 40] [--workers 2]
+        [--validation 60] [--holdout 40] [--noncoronary 40] [--thin 40] [--workers 2]
 
 * validation: 60 phantoms, seed 55000001 (the set that chooses between models);
 * hold-out: 40 phantoms, seed 99000001 (reported, never used to choose);
 * non-coronary: 40 phantoms without coronary calcium but with aortic wall, aortic
-  valve or mitral annulus calcium, seed 31000001 (share scored 0; target >= 95 %).
+  valve or mitral annulus calcium, seed 31000001 (share scored 0; target >= 95 %);
+* thin: 40 phantoms reconstructed at 1.25 mm, thinner than any training scan
+  (2.5-5 mm; thin recons are common in chest CT archives), seed 12500001.
 
 All are drawn with the training distribution (``randomised_phantom_settings``) but
 other seeds; ``snakemake evaluate`` is the end-to-end evaluation from DICOM. Prints
@@ -29,6 +31,7 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=60, help="validation phantoms (0: skip)")
     parser.add_argument("--holdout", type=int, default=40, help="hold-out phantoms (0: skip)")
     parser.add_argument("--noncoronary", type=int, default=40, help="non-coronary-calcium-only phantoms (0: skip)")
+    parser.add_argument("--thin", type=int, default=40, help="phantoms at 1.25 mm slices (0: skip)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--scans", action="store_true", help="print the per-scan rows too")
     args = parser.parse_args()
@@ -37,6 +40,7 @@ def main() -> None:
         ("validation", args.validation, lambda n: holdout_check(args.model_dir, n, 55_000_001, args.workers)),
         ("holdout", args.holdout, lambda n: holdout_check(args.model_dir, n, 99_000_001, args.workers)),
         ("noncoronary", args.noncoronary, lambda n: noncoronary_check(args.model_dir, n, 31_000_001, args.workers)),
+        ("thin", args.thin, lambda n: holdout_check(args.model_dir, n, 12_500_001, args.workers, slice_thickness_mm=1.25)),
     ]
     for name, n_scans, check in checks:
         if n_scans > 0:

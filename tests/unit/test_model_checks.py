@@ -17,16 +17,19 @@ REPO = Path(__file__).resolve().parents[2]
 def test_model_checks_script_on_one_scan_each():
     completed = subprocess.run(
         [sys.executable, str(REPO / "tests" / "benchmarks" / "model_checks.py"), str(REPO / "src" / "cacflow" / "model" / "weights"),
-         "--validation", "0", "--holdout", "1", "--noncoronary", "2", "--workers", "1", "--scans"],
+         "--validation", "0", "--holdout", "1", "--noncoronary", "2", "--thin", "1", "--workers", "1", "--scans"],
         capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     results = {r["check"]: r for r in map(json.loads, completed.stdout.splitlines())}
-    assert set(results) == {"holdout", "noncoronary"}  # --validation 0 skips it
+    assert set(results) == {"holdout", "noncoronary", "thin"}  # --validation 0 skips it
     holdout = results["holdout"]
     assert holdout["seed"] == 99_000_001 and len(holdout["scans"]) == 1
     scan = holdout["scans"][0]
     assert holdout["mean_abs_agatston_error"] == abs(scan["predicted"] - scan["reference"])
+    assert scan["slice_thickness_mm"] in (2.5, 3.0, 5.0)  # the training distribution's
+    thin = results["thin"]
+    assert thin["seed"] == 12_500_001 and [row["slice_thickness_mm"] for row in thin["scans"]] == [1.25]
     noncoronary = results["noncoronary"]
     assert noncoronary["seed"] == 31_000_001 and len(noncoronary["scans"]) == 2
     for row in noncoronary["scans"]:
