@@ -92,6 +92,17 @@ DEFINITIONS: dict[str, str] = {
         "of vessels among LM, LAD, LCX and RCA with a positive Agatston score is "
         "appended as /N1 to /N4, e.g. 'A2/N3'; A0 has no vessel count."
     ),
+    "Model uncertainty": (
+        "The segmentation model votes each calcium candidate (one 8-connected group of "
+        "pixels >= 130 HU on one slice) coronary or not by summing its class "
+        "probabilities over the candidate's pixels. When the coronary share of that vote "
+        "is between 0.1 and 0.9 (the model gave the other answer at least a 10 % chance), "
+        "the decision is called unsure. agatston_range_low re-scores the scan with every unsure candidate left out, agatston_range_high with "
+        "every unsure candidate counted (in its most probable vessel); agatston_total "
+        "lies between them. The band was chosen on generated validation scans "
+        "(docs/evaluation.md). A scan whose range spans two risk categories has "
+        "risk_category_uncertain true and a 'review the overlay' note in status_reason."
+    ),
     "Gating inference": (
         "Whether a series is ECG-gated is inferred from its DICOM headers, because many "
         "de-identified gated scans have the ECG tags blanked. Each kind of evidence "

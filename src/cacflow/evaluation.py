@@ -63,6 +63,9 @@ METRICS_COLUMNS = ("metric", "stratum", "estimate", "ci_low", "ci_high", "n", "c
 NONCORONARY_COLUMN = "noncoronary_calcium"
 NONCORONARY_ZERO_TARGET = 0.95  # issue: >= 95 % of such scans without coronary calcium score 0
 ALL = "all"
+# Predicted column flagging scans whose risk category hangs on calls the model was
+# unsure about (cacflow's scans table has it; other tools' tables need not).
+REVIEW_COLUMN = "risk_category_uncertain"
 
 CI_WILSON = "Wilson score"
 CI_BOOTSTRAP = "participant-level percentile bootstrap"
@@ -201,6 +204,8 @@ def match_tables(predicted: pd.DataFrame, reference: pd.DataFrame) -> Match:
         pairs[f"reference_{column}"] = matched_ref[column].astype(float)
     if NONCORONARY_COLUMN in matched_ref:  # generated references record it; others may not
         pairs[f"reference_{NONCORONARY_COLUMN}"] = matched_ref[NONCORONARY_COLUMN].astype("string").fillna("")
+    if REVIEW_COLUMN in matched:  # cacflow's own scans tables flag scans for review
+        pairs[f"predicted_{REVIEW_COLUMN}"] = matched[REVIEW_COLUMN].astype("boolean").fillna(False).astype(bool)
     compared = scored & has_reference
     pairs = pairs[compared].reset_index(drop=True)
     pairs["predicted_risk_category"] = [_risk(v) for v in pairs["predicted_agatston_total"]]
@@ -453,6 +458,23 @@ def noncoronary_calcium_zeros(pairs: pd.DataFrame) -> dict | None:
     return result
 
 
+def review_flags(pairs: pd.DataFrame) -> dict | None:
+    """How useful the review flag is: the share of scans flagged, and how many of the
+    scans whose risk category disagrees with the reference were flagged (Wilson CIs).
+    None when the predicted table has no flag."""
+    column = f"predicted_{REVIEW_COLUMN}"
+    if column not in pairs:
+        return None
+    flagged = pairs[column].to_numpy(dtype=bool)
+    wrong = (pairs["predicted_risk_category"] != pairs["reference_risk_category"]).to_numpy()
+    return {
+        "flagged": {**_proportion(int(flagged.sum()), len(pairs)), "count": int(flagged.sum())},
+        "disagreements_flagged": {**_proportion(int((flagged & wrong).sum()), int(wrong.sum())),
+                                  "count": int((flagged & wrong).sum())},
+        "agreements_flagged": int((flagged & ~wrong).sum()),
+    }
+
+
 # --------------------------------------------------------------------------- ICC
 
 
@@ -598,6 +620,7 @@ def evaluate_pairs(pairs: pd.DataFrame, *, n_bootstrap: int = DEFAULT_BOOTSTRAP,
         "bland_altman_log": bland_altman(pairs, log=True),
         "vessels": vessel_agreement(pairs, **options),
         "noncoronary_zeros": noncoronary_calcium_zeros(pairs),
+        "review": review_flags(pairs),
     }
 
 
@@ -656,6 +679,9 @@ def metrics_table(results: dict) -> pd.DataFrame:
                 add(f"{key}.{measure}", stratum, ba[measure])
         if result.get("noncoronary_zeros") is not None:
             add("noncoronary_calcium_only.share_scored_zero", stratum, result["noncoronary_zeros"])
+        if result.get("review") is not None:
+            add("review_flag.share_of_scans_flagged", stratum, result["review"]["flagged"])
+            add("review_flag.share_of_disagreements_flagged", stratum, result["review"]["disagreements_flagged"])
         for vessel in result["vessels"]:
             prefix = f"agatston_{vessel['vessel']}"
             add(f"{prefix}.icc", stratum, vessel["icc"])
@@ -711,6 +737,11 @@ def summary_lines(results: dict) -> list[str]:
         if zeros is not None and zeros["n"]:
             parts.append(f"only non-coronary calcium: {zeros['count']}/{zeros['n']} scored 0 "
                          f"({_estimate_ci(zeros, percent=True)})")
+        review = result.get("review")
+        if review is not None:
+            parts.append(f"flagged for review {review['flagged']['count']}/{result['n']}, of them "
+                         f"{review['disagreements_flagged']['count']} of the "
+                         f"{review['disagreements_flagged']['n']} risk-category disagreement(s)")
         lines.append("; ".join(parts))
     return lines
 
@@ -731,6 +762,7 @@ def render_evaluation(results: dict, out_html: str | os.PathLike, *,
         ("continuous", "ICC and Bland-Altman", _continuous_html(results, overall, match.pairs)),
         ("vessels", "Per-vessel agreement", _vessels_html(results)),
         ("noncoronary", "Calcium outside the coronary arteries", _noncoronary_html(results)),
+        ("review", "Scans flagged for review", _review_html(results)),
         ("methods", "Methods", _methods_html(results)),
     ]
     return write_html_page(title, sections, out_html)
@@ -878,6 +910,22 @@ def _vessels_html(results: dict) -> str:
             + _table("vessel-agreement", ["stratum", "vessel", "n", "reference with calcium", "predicted with calcium",
                                           "ICC(2,1) (95% CI)", "mean difference (95% CI)",
                                           "any-calcium agreement (95% CI)", "any-calcium kappa (95% CI)"], rows))
+
+
+def _review_html(results: dict) -> str:
+    if all(result.get("review") is None for result in results["strata"].values()):
+        return (f'<p class="muted">The predicted table has no {REVIEW_COLUMN} column (cacflow sets it when a '
+                "scan's risk category depends on calcium the model was unsure is coronary).</p>")
+    rows = [(name, result["n"], result["review"]["flagged"]["count"],
+             _estimate_ci(result["review"]["flagged"], percent=True),
+             f"{result['review']['disagreements_flagged']['count']} of {result['review']['disagreements_flagged']['n']}",
+             result["review"]["agreements_flagged"])
+            for name, result in results["strata"].items()]
+    text = ("<p>A scan is flagged when its risk category depends on calcium the model was unsure is coronary "
+            "(the other answer had at least a 10 % chance). A useful flag catches many of the disagreements "
+            "with the reference while flagging few scans; errors the model made confidently are not flagged.</p>")
+    return text + _table("review-flags", ["stratum", "compared", "flagged", "share flagged [95 % CI]",
+                                          "disagreements flagged", "agreements flagged"], rows)
 
 
 def _noncoronary_html(results: dict) -> str:

@@ -5,6 +5,11 @@ Candidates are the full-resolution calcium components (voxels >= threshold,
 holding calcium; each candidate is coronary when the vessels' summed probability
 over its voxels outweighs "not coronary", and then takes the most probable vessel. Candidates voted "not coronary" stay 0, so the
 scoring module sees only coronary calcium, with exact full-resolution extents.
+
+A candidate whose coronary share of the vote lies in ``AMBIGUOUS_CORONARY_SHARE`` is
+one the model was unsure about. ``flipped_labels`` holds the labels with every such
+decision reversed, so scoring can say how far the score would move if a reader
+disagreed with all of them (``cacflow.pipeline``: the scans table's Agatston range).
 """
 
 from __future__ import annotations
@@ -23,12 +28,21 @@ from cacflow.model.preprocessing import network_inputs
 IN_PLANE_8_CONNECTED = np.zeros((3, 3, 3), dtype=bool)
 IN_PLANE_8_CONNECTED[1] = True
 
+# Coronary share of a candidate's vote (vessels' summed probability over all classes')
+# within which the decision counts as unsure: the model gave the other answer at least
+# a 10 % chance. Chosen on the 60 validation phantoms (docs/evaluation.md): the
+# narrowest of the bands tried (0.4-0.6 ... 0.1-0.9) whose range held the true risk
+# category of both wrongly categorised scans; the narrower ones held neither.
+AMBIGUOUS_CORONARY_SHARE = (0.1, 0.9)
+
 
 @dataclass
 class Segmentation:
     labels: np.ndarray  # uint8 [z, y, x]: 0 bg, 1 LM, 2 LAD, 3 LCX, 4 RCA
+    flipped_labels: np.ndarray  # labels with each unsure candidate's decision reversed
     n_candidates: int
     n_coronary: int
+    n_ambiguous: int  # candidates with an unsure coronary / not-coronary decision
     seconds_preprocess: float
     seconds_engine: float
     seconds_postprocess: float
@@ -50,17 +64,21 @@ class CalciumSegmenter:
             [self.engine(inputs[i : i + self.batch_slices]) for i in range(0, len(inputs), self.batch_slices)]
         )
         t2 = time.perf_counter()
-        labels, n_candidates, n_coronary = assign_candidates(hu, _softmax(logits, axis=1), grid, self.threshold_hu)
+        labels, flipped, n_candidates, n_coronary, n_ambiguous = assign_candidates(
+            hu, _softmax(logits, axis=1), grid, self.threshold_hu)
         t3 = time.perf_counter()
-        return Segmentation(labels, n_candidates, n_coronary, t1 - t0, t2 - t1, t3 - t2)
+        return Segmentation(labels, flipped, n_candidates, n_coronary, n_ambiguous, t1 - t0, t2 - t1, t3 - t2)
 
 
-def assign_candidates(hu: np.ndarray, probabilities: np.ndarray, grid, threshold_hu: float):
-    """Label each calcium candidate with its most probable class (summed over voxels)."""
+def assign_candidates(hu: np.ndarray, probabilities: np.ndarray, grid, threshold_hu: float,
+                      ambiguous_share: tuple[float, float] = AMBIGUOUS_CORONARY_SHARE):
+    """Label each calcium candidate with its most probable class (summed over voxels).
+
+    Returns (labels, flipped_labels, n_candidates, n_coronary, n_ambiguous)."""
     components, n_candidates = ndimage.label(hu >= threshold_hu, structure=IN_PLANE_8_CONNECTED)
     labels = np.zeros(hu.shape, dtype=np.uint8)
     if n_candidates == 0:
-        return labels, 0, 0
+        return labels, labels.copy(), 0, 0, 0
     z, y, x = np.nonzero(components)
     component_of_voxel = components[z, y, x]
     cells = grid.padded_height * grid.padded_width
@@ -76,11 +94,19 @@ def assign_candidates(hu: np.ndarray, probabilities: np.ndarray, grid, threshold
     # a candidate split between two arteries is still coronary. On generated
     # validation scans this beat a plain 5-way argmax (93 % vs 92 % risk-category
     # agreement; docs/evaluation.md).
-    coronary = votes[:, 1:].sum(axis=1) >= votes[:, 0]
-    component_class = np.where(coronary, votes[:, 1:].argmax(axis=1) + 1, 0).astype(np.uint8)
+    coronary_votes = votes[:, 1:].sum(axis=1)
+    coronary = coronary_votes >= votes[:, 0]
+    vessel = (votes[:, 1:].argmax(axis=1) + 1).astype(np.uint8)
+    component_class = np.where(coronary, vessel, 0).astype(np.uint8)
     component_class[0] = 0
+    share = coronary_votes / np.maximum(votes.sum(axis=1), 1e-12)
+    ambiguous = (share >= ambiguous_share[0]) & (share < ambiguous_share[1])
+    ambiguous[0] = False
+    flipped_class = np.where(ambiguous, np.where(coronary, 0, vessel), component_class).astype(np.uint8)
     labels[z, y, x] = component_class[component_of_voxel]
-    return labels, n_candidates, int((component_class[1:] > 0).sum())
+    flipped = np.zeros_like(labels)
+    flipped[z, y, x] = flipped_class[component_of_voxel]
+    return labels, flipped, n_candidates, int((component_class[1:] > 0).sum()), int(ambiguous.sum())
 
 
 def _softmax(logits: np.ndarray, axis: int) -> np.ndarray:

@@ -326,6 +326,7 @@ class Inferer:
         from cacflow.inference import CalciumSegmenter
         from cacflow.model.engines import ModelFiles, create_engine
 
+        self.settings = settings
         self.model = ModelFiles.packaged()
         self.engine = create_engine(engine_kind, self.model)
         self.segmenter = CalciumSegmenter(self.engine, threshold_hu=float(settings["scoring"]["threshold_hu"]))
@@ -338,13 +339,23 @@ class Inferer:
         import nibabel as nib
 
         from cacflow.nifti_io import save_like
+        from cacflow.scoring import agatston_range
 
         started = time.perf_counter()
         segmentation = self.segmenter.segment(volume.hu, volume.spacing_mm)
         target = Path(labels_dir) / f"{visit_file_stem(visit['participant_id'], visit['visit'])}.labels.nii.gz"
         save_like(segmentation.labels, nib.load(visit["nifti_path"]), target)
+        # How far the score moves if every decision the model was unsure of went the
+        # other way; scored here, where the probabilities are, with the scan's settings.
+        low, high = agatston_range(
+            volume.hu, segmentation.labels, segmentation.flipped_labels, volume.spacing_mm,
+            scoring_settings_for(self.settings, visit.get("kvp")), kvp=visit.get("kvp"),
+            z_positions_mm=volume.z_positions_mm,
+        )
         visit.update(self.provenance(), labels_path=str(target), infer_seconds=time.perf_counter() - started,
-                     n_calcium_candidates=segmentation.n_candidates, n_coronary_candidates=segmentation.n_coronary)
+                     n_calcium_candidates=segmentation.n_candidates, n_coronary_candidates=segmentation.n_coronary,
+                     n_ambiguous_candidates=segmentation.n_ambiguous, agatston_range_low=low,
+                     agatston_range_high=high)
         return visit
 
 
@@ -407,6 +418,7 @@ LESION_FIELDS = (
 _INTERNAL_VISIT_FIELDS = {
     "files", "nifti_path", "labels_path", "n_slices", "n_series", "n_files_seen", "n_unreadable",
     "unreadable_summary", "infer_seconds", "n_calcium_candidates", "n_coronary_candidates", "selection_note",
+    "n_ambiguous_candidates",
 }
 
 
@@ -435,16 +447,19 @@ def scoring_settings_for(settings: dict, kvp: float | None):
 
 def score_visit(visit: dict, volume, labels: np.ndarray, settings: dict) -> tuple[dict, list[dict]]:
     """The scans-table row (less provenance) and lesion rows for one scored visit."""
-    from cacflow.scoring import score_volume
+    from cacflow.scoring import risk_category, score_volume
 
     result = score_volume(
         volume.hu, labels, volume.spacing_mm, scoring_settings_for(settings, visit.get("kvp")),
         kvp=visit.get("kvp"), slice_thickness_mm=visit.get("slice_thickness_mm"), z_positions_mm=volume.z_positions_mm,
     )
     scan = {name: getattr(result, name) for name in SCAN_SCORE_FIELDS}
+    low, high = visit.get("agatston_range_low"), visit.get("agatston_range_high")
+    uncertain = None if low is None or high is None else risk_category(low) != risk_category(high)
     scan.update(
         status=SCORED,
-        status_reason=_scored_reason(visit),
+        status_reason=_scored_reason(visit, bool(uncertain)),
+        risk_category_uncertain=uncertain,
         slice_increment_mm=result.slice_increment_mm,
         min_area_mm2=float(settings["scoring"]["min_area_mm2"]),
     )
@@ -456,9 +471,14 @@ def score_visit(visit: dict, volume, labels: np.ndarray, settings: dict) -> tupl
     return scan, lesions
 
 
-def _scored_reason(visit: dict) -> str | None:
-    """Scored scans still say what a reader should know (non-gated, QC warnings)."""
+def _scored_reason(visit: dict, category_uncertain: bool = False) -> str | None:
+    """Scored scans still say what a reader should know (non-gated, QC warnings, a risk
+    category that hangs on calcium the model was unsure about). The wording is fixed
+    so that the report can count scans per reason."""
     notes = []
+    if category_uncertain:
+        notes.append("review the overlay: the risk category depends on calcium the model was unsure is coronary "
+                     "(agatston_range_low to agatston_range_high)")
     if visit.get("scan_type") == "nongated":
         notes.append("scored on non-gated chest CT (no gated series); expect lower agreement with gated scoring")
     if visit.get("qc_reasons"):
@@ -470,6 +490,8 @@ def scan_row(visit: dict, scores: dict | None, settings_digest: str) -> dict:
     row = {key: value for key, value in visit.items() if key not in _INTERNAL_VISIT_FIELDS}
     if scores:
         row.update(scores)
+    else:  # the range was measured at inference, but this visit has no score to bracket
+        row.update(agatston_range_low=None, agatston_range_high=None)
     row.update(pipeline_version=__version__, settings_hash=settings_digest,
                processed_at=datetime.now(timezone.utc))
     return row

@@ -22,6 +22,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from cacflow import VESSEL_LABELS
+from cacflow.scoring import risk_category
 from cacflow.tables import (
     LIST_SEPARATOR,
     QC_STATUS_VALUES,
@@ -135,7 +136,12 @@ def _keys(scans: pd.DataFrame) -> list[ScanKey]:
 
 def _is_flagged(scans: pd.DataFrame) -> pd.Series:
     qc = _column(scans, "qc_status")
-    return (scans["status"] == "failed") | ((scans["status"] == "scored") & qc.isin(["warn", "fail"]))
+    scored = scans["status"] == "scored"
+    return (scans["status"] == "failed") | (scored & qc.isin(["warn", "fail"])) | (scored & _category_uncertain(scans))
+
+
+def _category_uncertain(scans: pd.DataFrame) -> pd.Series:
+    return _column(scans, "risk_category_uncertain").astype("boolean").fillna(False).astype(bool)
 
 
 # --------------------------------------------------------------------------- report
@@ -157,6 +163,7 @@ def render_report(
         _summary_section(scans),
         _not_scored_section(scans),
         _scores_section(scans, lesions),
+        _review_section(scans),
         _acquisition_section(scans),
         _series_qc_section(series),
         _reference_section(scans),
@@ -256,6 +263,27 @@ def _scores_section(scans: pd.DataFrame, lesions: pd.DataFrame) -> Section:
         + _vessel_table(scored, lesions)
     )
     return "scores", "Score distribution", content
+
+
+def _review_section(scans: pd.DataFrame) -> Section:
+    """Scored scans whose risk category hangs on calcium the model was unsure about."""
+    scored = scans[scans["status"] == "scored"]
+    rows = scored[_category_uncertain(scored)].sort_values(["participant_id", "visit"])
+    intro = ("<p>The model votes each calcium candidate coronary or not. Where that vote was close (coronary "
+             "share 0.1-0.9: the other answer had at least a 10 % chance), agatston_range_low and "
+             "agatston_range_high give the score with every such candidate left out or counted. ")
+    if rows.empty:
+        return "review", "Scans to review", intro + "No scored scan's risk category depends on them.</p>"
+    data = [
+        (r.participant_id, r.visit, _fmt(r.agatston_total), f"{_fmt(r.agatston_range_low)}-{_fmt(r.agatston_range_high)}",
+         f"{risk_category(r.agatston_range_low)} to {risk_category(r.agatston_range_high)}")
+        for r in rows.itertuples(index=False)
+    ]
+    content = intro + (
+        f"In {len(rows)} of {len(scored)} scored scan(s) the risk category depends on them: check their "
+        "overlays below before using their category.</p>"
+    ) + _table("review", ["participant_id", "visit", "Agatston", "range", "risk category"], data)
+    return "review", "Scans to review", content
 
 
 def _vessel_table(scored: pd.DataFrame, lesions: pd.DataFrame) -> str:

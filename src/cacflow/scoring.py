@@ -12,7 +12,7 @@ Arrays are canonical ``[z, y, x]`` (see :mod:`cacflow.volume`);
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
@@ -186,6 +186,30 @@ def cac_drs(agatston_total: float, n_vessels: int) -> str:
         return "A0"
     grade = 1 if agatston_total < 100 else 2 if agatston_total < 300 else 3
     return f"A{grade}/N{n_vessels}"
+
+
+def agatston_range(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    flipped_labels: np.ndarray,
+    spacing_mm: tuple[float, float, float],
+    settings: ScoringSettings = ScoringSettings(),
+    *,
+    kvp: float | None = None,
+    z_positions_mm: np.ndarray | None = None,
+) -> tuple[float, float]:
+    """Total Agatston if every calcium candidate the model was unsure about is not
+    coronary, and if every one is coronary. ``flipped_labels`` is ``labels`` with each
+    unsure decision reversed (``cacflow.inference``), so the lowest labelling keeps a
+    candidate only where both agree and the highest takes either's vessel."""
+    if labels.shape != flipped_labels.shape:
+        raise ValueError(f"flipped labels shape {flipped_labels.shape} differs from labels shape {labels.shape}")
+    without_mass = replace(settings, mass_calibration_mg_per_hu_mm3=None)  # Agatston only: skip the mass work
+    lowest = np.where(flipped_labels == 0, 0, labels).astype(labels.dtype)
+    highest = np.maximum(labels, flipped_labels)
+    low, high = (score_volume(hu, chosen, spacing_mm, without_mass, kvp=kvp, z_positions_mm=z_positions_mm).agatston_total
+                 for chosen in (lowest, highest))
+    return low, high
 
 
 def _check_inputs(hu: np.ndarray, labels: np.ndarray, spacing_mm, z_positions_mm) -> None:

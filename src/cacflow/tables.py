@@ -198,6 +198,26 @@ SCANS: list[Column] = [
         "calcium, e.g. 'A2/N3'. See Definitions: CAC-DRS.",
         CAC_DRS_VALUES,
     ),
+    _c(
+        "agatston_range_low", _F64, "Agatston units",
+        "Total Agatston score if every calcium candidate whose coronary / not-coronary "
+        "decision the model was unsure about is not coronary; equals agatston_total when "
+        "there is no unsure decision. See Definitions: Model uncertainty.",
+        min_value=0,
+    ),
+    _c(
+        "agatston_range_high", _F64, "Agatston units",
+        "Total Agatston score if every such unsure candidate is coronary. See "
+        "Definitions: Model uncertainty.",
+        min_value=0,
+    ),
+    _c(
+        "risk_category_uncertain", _BOOL, "",
+        "True when agatston_range_low and agatston_range_high fall in different risk "
+        "categories: the category hangs on calcium the model was unsure about, so a "
+        "reader should check the overlay (the scan is listed in the report). See "
+        "Definitions: Model uncertainty.",
+    ),
     _GATED,
     _GATING_CONFIDENCE,
     _SCAN_TYPE,

@@ -370,18 +370,29 @@ def export(network, config: TrainingConfig, history: list) -> dict:
 
 
 def _phantom_scorer(model_dir: str, workers: int):
-    """phantom -> its ScanScore with the exported ONNX model of ``model_dir`` (loaded once)."""
+    """phantom -> (its ScanScore, the Agatston range over the model's unsure decisions),
+    with the exported ONNX model of ``model_dir`` (loaded once)."""
     from cacflow.inference import CalciumSegmenter
     from cacflow.model.engines import ModelFiles, OnnxRuntimeEngine
-    from cacflow.scoring import score_volume
+    from cacflow.scoring import agatston_range, score_volume
 
     segmenter = CalciumSegmenter(OnnxRuntimeEngine(ModelFiles(Path(model_dir)), threads=workers))
 
     def score(phantom):
-        labels = segmenter.segment(phantom.hu, phantom.spacing_mm).labels
-        return score_volume(phantom.hu, labels, phantom.spacing_mm, z_positions_mm=phantom.z_positions_mm)
+        segmentation = segmenter.segment(phantom.hu, phantom.spacing_mm)
+        where = {"z_positions_mm": phantom.z_positions_mm}
+        result = score_volume(phantom.hu, segmentation.labels, phantom.spacing_mm, **where)
+        return result, agatston_range(phantom.hu, segmentation.labels, segmentation.flipped_labels,
+                                      phantom.spacing_mm, **where)
 
     return score
+
+
+def _range_columns(predicted_range: tuple[float, float]) -> dict:
+    from cacflow.scoring import risk_category
+
+    low, high = predicted_range
+    return {"range_low": low, "range_high": high, "category_uncertain": risk_category(low) != risk_category(high)}
 
 
 def holdout_check(model_dir: str, n_scans: int = 40, seed: int = 99_000_001, workers: int = 2,
@@ -401,12 +412,13 @@ def holdout_check(model_dir: str, n_scans: int = 40, seed: int = 99_000_001, wor
         if slice_thickness_mm is not None:
             settings = replace(settings, slice_thickness_mm=slice_thickness_mm, slice_increment_mm=slice_thickness_mm)
         phantom = generate_phantom(int(rng.integers(2**31)), settings)
-        predicted = score(phantom)
+        predicted, predicted_range = score(phantom)
         rows.append({
             "gated": settings.gated, "slice_thickness_mm": settings.slice_thickness_mm,
             "reference": phantom.reference["agatston_total"],
             "reference_category": phantom.reference["risk_category"],
             "predicted": predicted.agatston_total, "predicted_category": predicted.risk_category,
+            **_range_columns(predicted_range),
         })
         log.info("holdout %d/%d: reference %.1f (%s), predicted %.1f (%s)", index + 1, n_scans,
                  rows[-1]["reference"], rows[-1]["reference_category"], rows[-1]["predicted"],
@@ -422,7 +434,18 @@ def holdout_check(model_dir: str, n_scans: int = 40, seed: int = 99_000_001, wor
         "sensitivity_cac_gt_0": float(np.mean([r["predicted"] > 0 for r in positives])) if positives else None,
         "specificity_cac_eq_0": float(np.mean([r["predicted"] == 0 for r in negatives])) if negatives else None,
         "mean_abs_agatston_error": float(np.mean([abs(r["predicted"] - r["reference"]) for r in rows])),
+        **_flag_summary(rows, [r["reference_category"] != r["predicted_category"] for r in rows]),
         "scans": rows,
+    }
+
+
+def _flag_summary(rows: list[dict], wrong: list[bool]) -> dict:
+    """How many scans the unsure-decision range flags for review, and how many of the
+    wrong ones (risk category off) are among them."""
+    return {
+        "scans_flagged_uncertain": sum(r["category_uncertain"] for r in rows),
+        "wrong_category_scans": sum(wrong),
+        "wrong_category_scans_flagged": sum(w and r["category_uncertain"] for w, r in zip(wrong, rows)),
     }
 
 
@@ -445,10 +468,11 @@ def noncoronary_check(model_dir: str, n_scans: int = 40, seed: int = 31_000_001,
         kinds = noncoronary_calcium(phantom)
         if not kinds:
             continue
-        predicted = score(phantom)
+        predicted, predicted_range = score(phantom)
         devices = sorted({d["kind"] for d in phantom.distractors} & {"stent", "sternal_wires", "pacemaker_lead"})
         rows.append({"gated": settings.gated, "noncoronary_calcium": kinds, "devices": ";".join(devices),
-                     "reference": phantom.reference["agatston_total"], "predicted": predicted.agatston_total})
+                     "reference": phantom.reference["agatston_total"], "predicted": predicted.agatston_total,
+                     **_range_columns(predicted_range)})
         log.info("noncoronary %d/%d: %s%s, predicted %.1f", len(rows), n_scans, kinds,
                  f" + {';'.join(devices)}" if devices else "", predicted.agatston_total)
     zero = [r["predicted"] == 0 for r in rows]
@@ -458,5 +482,6 @@ def noncoronary_check(model_dir: str, n_scans: int = 40, seed: int = 31_000_001,
         "share_scored_zero": float(np.mean(zero)),
         "share_scored_zero_gated": float(np.mean([z for z, r in zip(zero, rows) if r["gated"]] or [np.nan])),
         "share_scored_zero_nongated": float(np.mean([z for z, r in zip(zero, rows) if not r["gated"]] or [np.nan])),
+        **_flag_summary(rows, [not z for z in zero]),
         "scans": rows,
     }

@@ -186,7 +186,7 @@ def time_end_to_end(engine, folders: list[str], workers: int, batch_slices: int)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for visit, volume, inputs, grid in pool.map(_prepare, folders):
             logits = np.concatenate([engine(inputs[i:i + batch_slices]) for i in range(0, len(inputs), batch_slices)])
-            labels, _, _ = assign_candidates(volume.hu, _softmax(logits, axis=1), grid, 130.0)
+            labels, *_ = assign_candidates(volume.hu, _softmax(logits, axis=1), grid, 130.0)
             pipeline.score_visit(visit, volume, labels, config)
     return len(folders) / (time.perf_counter() - started)
 

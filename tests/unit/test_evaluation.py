@@ -360,7 +360,7 @@ def test_report_renders_every_section(tmp_path):
     parser = Sections()
     parser.feed(text)
     assert parser.sections == ["run", "matching", "risk", "thresholds", "continuous", "vessels", "noncoronary",
-                               "methods"]
+                               "review", "methods"]
     for table_id in ("match-counts", "not-scored", "risk-summary", "risk-confusion-all", "risk-confusion-gated",
                      "risk-confusion-nongated", "threshold-metrics", "continuous-agreement", "vessel-agreement"):
         assert table_id in parser.tables
@@ -404,6 +404,39 @@ def test_noncoronary_calcium_zeros_absent_without_the_reference_column(tmp_path)
     assert results["strata"]["all"]["noncoronary_zeros"] is None
     assert "noncoronary_calcium_only.share_scored_zero" not in set(evaluation.metrics_table(results)["metric"])
     assert "cannot be picked out" in evaluation.render_evaluation(results, tmp_path / "r.html").read_text()
+
+
+def test_review_flags_by_hand(tmp_path):
+    # Exact scores except two disagreements: P001 called 4 (reference 0) and P008
+    # called 90 (reference 150). Flagged: P001 (a caught disagreement) and P005 (an
+    # agreement). All three are gated scans (index % 3 != 0).
+    predicted, reference = scans_rows()
+    predicted["agatston_total"] = reference["agatston_total"]
+    predicted.loc[1, "agatston_total"], predicted.loc[8, "agatston_total"] = 4.0, 90.0
+    predicted["risk_category_uncertain"] = False
+    predicted.loc[[1, 5], "risk_category_uncertain"] = True
+    results = evaluation.evaluate(predicted, reference, n_bootstrap=0)
+    review = results["strata"]["all"]["review"]
+    assert (review["flagged"]["count"], review["flagged"]["n"]) == (2, 16)
+    assert review["flagged"]["estimate"] == pytest.approx(2 / 16)
+    assert (review["disagreements_flagged"]["count"], review["disagreements_flagged"]["n"]) == (1, 2)
+    assert (review["disagreements_flagged"]["ci_low"], review["disagreements_flagged"]["ci_high"]) == pytest.approx(
+        wilson_interval(1, 2))
+    assert review["agreements_flagged"] == 1
+    nongated = results["strata"]["nongated"]["review"]
+    assert (nongated["flagged"]["count"], nongated["disagreements_flagged"]["n"]) == (0, 0)
+    table = evaluation.metrics_table(results)
+    row = table[(table["metric"] == "review_flag.share_of_disagreements_flagged") & (table["stratum"] == "gated")]
+    assert row["estimate"].iloc[0] == pytest.approx(0.5) and row["n"].iloc[0] == 2
+    text = evaluation.render_evaluation(results, tmp_path / "r.html").read_text()
+    assert 'id="review-flags"' in text and "1 of 2" in text
+    assert any("flagged for review 2/16, of them 1 of the 2 risk-category disagreement(s)" in line
+               for line in evaluation.summary_lines(results))
+    # another tool's table, without the flag: the section says so and no metric is made up
+    plain = evaluation.evaluate(predicted.drop(columns="risk_category_uncertain"), reference, n_bootstrap=0)
+    assert plain["strata"]["all"]["review"] is None
+    assert not any(m.startswith("review_flag.") for m in evaluation.metrics_table(plain)["metric"])
+    assert "has no risk_category_uncertain column" in evaluation.render_evaluation(plain, tmp_path / "p.html").read_text()
 
 
 def test_report_with_no_pairs(tmp_path):

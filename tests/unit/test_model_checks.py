@@ -38,3 +38,9 @@ def test_model_checks_script_on_one_scan_each():
         assert row["noncoronary_calcium"]
     zero = [row["predicted"] == 0 for row in noncoronary["scans"]]
     assert noncoronary["share_scored_zero"] == sum(zero) / 2
+    # the review-flag counts are those of the rows, and each range brackets the score
+    for result in (holdout, noncoronary, thin):
+        assert result["scans_flagged_uncertain"] == sum(row["category_uncertain"] for row in result["scans"])
+        for row in result["scans"]:
+            assert row["range_low"] - 1e-9 <= row["predicted"] <= row["range_high"] + 1e-9
+    assert noncoronary["wrong_category_scans"] == 2 - sum(zero)

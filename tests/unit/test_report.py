@@ -72,9 +72,12 @@ def scans_frame() -> pd.DataFrame:
             "reference_agatston_total": ra, "reference_risk_category": rr, "scan_type": st,
             "kvp": kvp, "qc_status": qc, "qc_reasons": "kvp_not_120" if qc == "warn" else None,
             "manufacturer": "SIEMENS", "scanner_model": "SOMATOM Force",
+            "agatston_range_low": a, "agatston_range_high": a, "risk_category_uncertain": False,
         }
         for p, v, a, r, d, ra, rr, st, kvp, qc in scored
     ]
+    # P02's category hangs on an unsure 7.5-Agatston candidate the model left out.
+    rows[1].update(agatston_range_high=12.5, risk_category_uncertain=True)
     contrast = "Only contrast-enhanced series were found; calcium scoring needs a non-contrast scan."
     rows += [
         {"participant_id": "P05", "visit": "v1", "status": "not_scorable", "status_reason": contrast,
@@ -152,7 +155,7 @@ def body_rows(reader: TableReader, table_id: str) -> list[list[str]]:
 def test_all_sections_render(rendered):
     _, reader = rendered
     assert reader.section_ids == [
-        "run", "summary", "not-scored", "scores", "acquisition", "series-qc", "reference", "overlays",
+        "run", "summary", "not-scored", "scores", "review", "acquisition", "series-qc", "reference", "overlays",
     ]
 
 
@@ -173,6 +176,17 @@ def test_every_not_scored_scan_is_listed_with_its_reason(rendered):
     listed = {(row[0], row[1]): row[3] for row in body_rows(reader, "not-scored")}
     expected = scans[scans["status"] != "scored"]
     assert listed == dict(zip(zip(expected["participant_id"], expected["visit"]), expected["status_reason"]))
+
+
+def test_scans_whose_category_hangs_on_unsure_calcium_are_listed_for_review(rendered):
+    _, reader = rendered
+    assert body_rows(reader, "review") == [["P02", "v1", "5", "5-12.50", "1-10 to 11-100"]]
+
+
+def test_review_section_says_when_no_scan_needs_it(tmp_path):
+    scans = scans_frame().assign(risk_category_uncertain=False)
+    text = report.render_report(scans, series_frame(), lesions_frame(), tmp_path / "r.html").read_text()
+    assert "No scored scan's risk category depends on them." in text
 
 
 def test_score_and_acquisition_counts(rendered):
@@ -285,4 +299,5 @@ def test_overlay_png_colours_each_vessel_and_has_a_legend():
 
 def test_select_overlay_scans_puts_flagged_first():
     keys = report.select_overlay_scans(scans_frame(), n_high=2)
-    assert keys == [("P03", "v1"), ("P07", "v1"), ("P04", "v1"), (EVIL_ID, "v2")]
+    # flagged (QC warning, failure, risk category hanging on unsure calcium) in table order, then the highest
+    assert keys == [("P02", "v1"), ("P03", "v1"), ("P07", "v1"), ("P04", "v1"), (EVIL_ID, "v2")]

@@ -740,3 +740,27 @@ def test_agatston_command_rejects_label_volumes_of_another_shape(tmp_path, capsy
     code = cli.main(["agatston", "--ct", str(tmp_path / "ct.nii.gz"), "--labels", str(tmp_path / "labels.nii.gz")])
     assert code == 2
     assert "differs from CT shape" in capsys.readouterr().err
+
+
+def test_agatston_range_by_hand():
+    """0.5 x 0.5 mm pixels, 3 mm slices (scale 1). Sure LAD lesion: 8 pixels = 2 mm^2 at
+    peak 450 (weight 4) -> 8. Unsure counted RCA lesion: 4 pixels = 1 mm^2 at 250 (w 2)
+    -> 2. Unsure uncounted lesion: 12 pixels = 3 mm^2 at 150 (w 1) -> 3. The range is
+    8 (both unsure ones out) to 13 (both in); the model's own total is 10."""
+    from cacflow.scoring import agatston_range
+
+    hu = np.zeros((2, 20, 20))
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    flipped = np.zeros(hu.shape, dtype=np.uint8)
+    hu[0, 2:4, 2:6] = 450.0
+    labels[0, 2:4, 2:6] = flipped[0, 2:4, 2:6] = 2
+    hu[0, 10:12, 10:12] = 250.0
+    labels[0, 10:12, 10:12] = 4  # counted; flipped: out
+    hu[1, 5:8, 5:9] = 150.0
+    flipped[1, 5:8, 5:9] = 3  # not counted; flipped: LCX
+    spacing = (3.0, 0.5, 0.5)
+    assert score_volume(hu, labels, spacing).agatston_total == pytest.approx(10.0)
+    assert agatston_range(hu, labels, flipped, spacing) == pytest.approx((8.0, 13.0))
+    assert agatston_range(hu, labels, labels, spacing) == pytest.approx((10.0, 10.0))
+    with pytest.raises(ValueError, match="flipped labels shape"):
+        agatston_range(hu, labels, flipped[:1], spacing)

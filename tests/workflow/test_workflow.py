@@ -116,6 +116,24 @@ def test_lesions_and_scans_are_consistent(tiny_run):
     assert mismatches == []
 
 
+def test_every_scored_scan_carries_its_range_over_unsure_calls(tiny_run):
+    """The range brackets the score; the flag and the reviewer's note follow the
+    risk categories of its ends (unscored rows have neither)."""
+    from cacflow.scoring import risk_category
+
+    workdir, _, _, _ = tiny_run
+    rows = sql(f"""select status, agatston_total, agatston_range_low, agatston_range_high, risk_category_uncertain,
+                          coalesce(status_reason, '')
+                   from read_parquet('{workdir}/results/cohort/scans.parquet')""")
+    scored = [row for row in rows if row[0] == "scored"]
+    assert scored
+    for _, total, low, high, uncertain, reason in scored:
+        assert low - 1e-9 <= total <= high + 1e-9
+        assert uncertain == (risk_category(low) != risk_category(high))
+        assert ("review the overlay" in reason) == uncertain
+    assert all(row[2:5] == (None, None, None) for row in rows if row[0] != "scored")
+
+
 def test_every_discovered_series_has_a_qc_status_and_one_chosen_per_scored_visit(tiny_run):
     workdir, _, _, _ = tiny_run
     cohort = workdir / "results/cohort"
