@@ -205,7 +205,10 @@ def match_tables(predicted: pd.DataFrame, reference: pd.DataFrame) -> Match:
     if NONCORONARY_COLUMN in matched_ref:  # generated references record it; others may not
         pairs[f"reference_{NONCORONARY_COLUMN}"] = matched_ref[NONCORONARY_COLUMN].astype("string").fillna("")
     if REVIEW_COLUMN in matched:  # cacflow's own scans tables flag scans for review
-        pairs[f"predicted_{REVIEW_COLUMN}"] = matched[REVIEW_COLUMN].astype("boolean").fillna(False).astype(bool)
+        try:  # null: not assessed (e.g. inferred by an older version), kept apart from "not flagged"
+            pairs[f"predicted_{REVIEW_COLUMN}"] = matched[REVIEW_COLUMN].astype("boolean")
+        except (TypeError, ValueError) as error:
+            raise EvaluationInputError(f"predicted column {REVIEW_COLUMN} must hold true/false/null: {error}") from error
     compared = scored & has_reference
     pairs = pairs[compared].reset_index(drop=True)
     pairs["predicted_risk_category"] = [_risk(v) for v in pairs["predicted_agatston_total"]]
@@ -465,10 +468,12 @@ def review_flags(pairs: pd.DataFrame) -> dict | None:
     column = f"predicted_{REVIEW_COLUMN}"
     if column not in pairs:
         return None
-    flagged = pairs[column].to_numpy(dtype=bool)
-    wrong = (pairs["predicted_risk_category"] != pairs["reference_risk_category"]).to_numpy()
+    assessed = pairs[pairs[column].notna()]
+    flagged = assessed[column].to_numpy(dtype=bool)
+    wrong = (assessed["predicted_risk_category"] != assessed["reference_risk_category"]).to_numpy()
     return {
-        "flagged": {**_proportion(int(flagged.sum()), len(pairs)), "count": int(flagged.sum())},
+        "not_assessed": len(pairs) - len(assessed),
+        "flagged": {**_proportion(int(flagged.sum()), len(assessed)), "count": int(flagged.sum())},
         "disagreements_flagged": {**_proportion(int((flagged & wrong).sum()), int(wrong.sum())),
                                   "count": int((flagged & wrong).sum())},
         "agreements_flagged": int((flagged & ~wrong).sum()),
@@ -739,7 +744,7 @@ def summary_lines(results: dict) -> list[str]:
                          f"({_estimate_ci(zeros, percent=True)})")
         review = result.get("review")
         if review is not None:
-            parts.append(f"flagged for review {review['flagged']['count']}/{result['n']}, of them "
+            parts.append(f"flagged for review {review['flagged']['count']}/{review['flagged']['n']}, of them "
                          f"{review['disagreements_flagged']['count']} of the "
                          f"{review['disagreements_flagged']['n']} risk-category disagreement(s)")
         lines.append("; ".join(parts))
@@ -916,16 +921,18 @@ def _review_html(results: dict) -> str:
     if all(result.get("review") is None for result in results["strata"].values()):
         return (f'<p class="muted">The predicted table has no {REVIEW_COLUMN} column (cacflow sets it when a '
                 "scan's risk category depends on calcium the model was unsure is coronary).</p>")
-    rows = [(name, result["n"], result["review"]["flagged"]["count"],
+    rows = [(name, result["n"], result["review"]["not_assessed"], result["review"]["flagged"]["count"],
              _estimate_ci(result["review"]["flagged"], percent=True),
              f"{result['review']['disagreements_flagged']['count']} of {result['review']['disagreements_flagged']['n']}",
              result["review"]["agreements_flagged"])
             for name, result in results["strata"].items()]
     text = ("<p>A scan is flagged when its risk category depends on calcium the model was unsure is coronary "
             "(the other answer had at least a 10 % chance). A useful flag catches many of the disagreements "
-            "with the reference while flagging few scans; errors the model made confidently are not flagged.</p>")
-    return text + _table("review-flags", ["stratum", "compared", "flagged", "share flagged [95 % CI]",
-                                          "disagreements flagged", "agreements flagged"], rows)
+            "with the reference while flagging few scans; errors the model made confidently are not flagged. "
+            "Scans without the flag (null: not assessed) are left out of the shares.</p>")
+    return text + _table("review-flags", ["stratum", "compared", "not assessed", "flagged",
+                                          "share flagged [95 % CI]", "disagreements flagged", "agreements flagged"],
+                         rows)
 
 
 def _noncoronary_html(results: dict) -> str:

@@ -49,8 +49,12 @@ def write_rows(rows: list[dict], path: str | Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    # Columns from every row: pyarrow alone takes them from the first row and would drop
+    # a key that row lacks (e.g. the scores, when the shard's first visit was not scored).
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    table = pa.Table.from_pylist([{name: row.get(name) for name in names} for row in rows]) if rows else pa.table({})
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({}), buffer)
+    pq.write_table(table, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -343,8 +347,15 @@ class Inferer:
 
         started = time.perf_counter()
         segmentation = self.segmenter.segment(volume.hu, volume.spacing_mm)
-        target = Path(labels_dir) / f"{visit_file_stem(visit['participant_id'], visit['visit'])}.labels.nii.gz"
-        save_like(segmentation.labels, nib.load(visit["nifti_path"]), target)
+        stem = visit_file_stem(visit["participant_id"], visit["visit"])
+        target = Path(labels_dir) / f"{stem}.labels.nii.gz"
+        like = nib.load(visit["nifti_path"])
+        save_like(segmentation.labels, like, target)
+        # The unsure calls, for the reviewer's overlay (only where there are any).
+        unsure = segmentation.labels != segmentation.flipped_labels
+        unsure_path = Path(labels_dir) / f"{stem}.unsure.nii.gz" if unsure.any() else None
+        if unsure_path is not None:
+            save_like(unsure.astype(np.uint8), like, unsure_path)
         # How far the score moves if every decision the model was unsure of went the
         # other way; scored here, where the probabilities are, with the scan's settings.
         low, high = agatston_range(
@@ -355,7 +366,7 @@ class Inferer:
         visit.update(self.provenance(), labels_path=str(target), infer_seconds=time.perf_counter() - started,
                      n_calcium_candidates=segmentation.n_candidates, n_coronary_candidates=segmentation.n_coronary,
                      n_ambiguous_candidates=segmentation.n_ambiguous, agatston_range_low=low,
-                     agatston_range_high=high)
+                     agatston_range_high=high, unsure_labels_path=str(unsure_path) if unsure_path else None)
         return visit
 
 
@@ -418,7 +429,7 @@ LESION_FIELDS = (
 _INTERNAL_VISIT_FIELDS = {
     "files", "nifti_path", "labels_path", "n_slices", "n_series", "n_files_seen", "n_unreadable",
     "unreadable_summary", "infer_seconds", "n_calcium_candidates", "n_coronary_candidates", "selection_note",
-    "n_ambiguous_candidates",
+    "n_ambiguous_candidates", "unsure_labels_path",
 }
 
 
@@ -491,7 +502,7 @@ def scan_row(visit: dict, scores: dict | None, settings_digest: str) -> dict:
     if scores:
         row.update(scores)
     else:  # the range was measured at inference, but this visit has no score to bracket
-        row.update(agatston_range_low=None, agatston_range_high=None)
+        row.update(agatston_range_low=None, agatston_range_high=None, risk_category_uncertain=None)
     row.update(pipeline_version=__version__, settings_hash=settings_digest,
                processed_at=datetime.now(timezone.utc))
     return row
@@ -692,7 +703,9 @@ def stage_report(cohort_dir: Path, infer_paths: list[Path], out_html: Path) -> N
         try:
             volume = load_volume(visit["nifti_path"])
             labels = load_labels(visit["labels_path"])
-            overlays[key] = [report.overlay_png(volume.hu[z], labels[z]) for z in report.pick_overlay_slices(volume.hu, labels)]
+            unsure = load_labels(visit["unsure_labels_path"]) > 0 if visit.get("unsure_labels_path") else None
+            overlays[key] = [report.overlay_png(volume.hu[z], labels[z], unsure=None if unsure is None else unsure[z])
+                             for z in report.pick_overlay_slices(volume.hu, labels, unsure=unsure)]
         except Exception as error:  # noqa: BLE001 - a missing picture must not stop the report
             log.warning("no overlay for %s %s: %s", key[0], key[1], error)
     report.render_report(scans, series, lesions, out_html, overlays=overlays,

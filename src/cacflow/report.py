@@ -33,6 +33,8 @@ from cacflow.tables import (
 
 ScanKey = tuple[str, str]  # (participant_id, visit)
 
+# Boxes around the calls the model was unsure of: white stands out from every vessel colour.
+UNSURE_COLOUR = (255, 255, 255)
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
 VESSEL_COLOURS: dict[int, tuple[int, int, int]] = {
     1: (240, 228, 66),  # LM, yellow
@@ -71,14 +73,18 @@ figcaption{font-size:.85em;max-width:340px}
 
 
 def overlay_png(
-    hu_slice: np.ndarray, label_slice: np.ndarray, *, window: tuple[float, float] = (-200, 600)
+    hu_slice: np.ndarray, label_slice: np.ndarray, *, window: tuple[float, float] = (-200, 600),
+    unsure: np.ndarray | None = None,
 ) -> bytes:
     """PNG of one axial CT slice (grey, HU window) with vessel labels in colour and
-    a legend. Orientation as stored: image left = patient right, top = anterior."""
+    a legend. Orientation as stored: image left = patient right, top = anterior.
+    ``unsure`` (a mask of the calls the model was unsure of) draws a box around each."""
     hu = np.asarray(hu_slice, dtype=np.float32)
     labels = np.asarray(label_slice)
     if hu.ndim != 2 or hu.shape != labels.shape:
         raise ValueError(f"need two 2-D arrays of one shape, got {hu.shape} and {labels.shape}")
+    if unsure is not None and np.shape(unsure) != hu.shape:
+        raise ValueError(f"unsure mask shape {np.shape(unsure)} differs from the slice's {hu.shape}")
     low, high = window
     grey = np.clip((hu - low) / (high - low), 0.0, 1.0) * 255.0
     rgb = np.repeat(grey[..., None], 3, axis=2)
@@ -94,53 +100,83 @@ def overlay_png(
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     draw.text((4, 2), "R", fill=(255, 255, 255), font=font)
+    boxes = _unsure_boxes(unsure) if unsure is not None else []
+    for top, left, bottom, right in boxes:  # a margin of 2 pixels keeps the calcium visible
+        draw.rectangle(((left - 2) * scale, (top - 2) * scale, (right + 2) * scale - 1, (bottom + 2) * scale - 1),
+                       outline=UNSURE_COLOUR, width=max(1, scale // 2))
     x, y = 4, image.height + 4
     for value, colour in VESSEL_COLOURS.items():
         draw.rectangle((x, y, x + 11, y + 11), fill=colour)
         name = VESSEL_LABELS[value].upper()
         draw.text((x + 15, y), name, fill=(255, 255, 255), font=font)
         x += 15 + int(draw.textlength(name, font=font)) + 12
+    if boxes:
+        draw.rectangle((x, y, x + 11, y + 11), outline=UNSURE_COLOUR, width=2)
+        draw.text((x + 15, y), "unsure", fill=(255, 255, 255), font=font)
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
+def _unsure_boxes(unsure: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(top, left, bottom, right), exclusive ends, of each 8-connected unsure group."""
+    from scipy import ndimage
+
+    groups, _ = ndimage.label(np.asarray(unsure, dtype=bool), structure=np.ones((3, 3), bool))
+    return [(rows.start, cols.start, rows.stop, cols.stop) for rows, cols in ndimage.find_objects(groups)]
+
+
 def pick_overlay_slices(
-    hu: np.ndarray, labels: np.ndarray, n: int = 3, *, threshold_hu: float = 130.0
+    hu: np.ndarray, labels: np.ndarray, n: int = 3, *, threshold_hu: float = 130.0,
+    unsure: np.ndarray | None = None,
 ) -> list[int]:
     """Indices (ascending) of the ``n`` axial slices with the most labelled calcium
-    (labelled voxels at or above ``threshold_hu``). Without any, the middle slice,
-    so a flagged scan still gets a picture."""
+    (labelled voxels at or above ``threshold_hu``). Slices holding calls the model was
+    unsure of (``unsure`` mask) come first, most unsure voxels first: they are what a
+    reviewer must see. Without any calcium, the middle slice, so a flagged scan still
+    gets a picture."""
     calcium = (np.asarray(labels) > 0) & (np.asarray(hu) >= threshold_hu)
     per_slice = calcium.reshape(calcium.shape[0], -1).sum(axis=1)
-    candidates = np.flatnonzero(per_slice)
+    unsure_per_slice = (np.zeros_like(per_slice) if unsure is None
+                        else np.asarray(unsure, dtype=bool).reshape(calcium.shape[0], -1).sum(axis=1))
+    candidates = np.flatnonzero(per_slice + unsure_per_slice)
     if candidates.size == 0:
         return [int(calcium.shape[0] // 2)]
-    # Stable sort on the negated count: ties go to the more inferior slice.
-    best = candidates[np.argsort(-per_slice[candidates], kind="stable")[:n]]
+    # Stable sort, unsure count first, then labelled: ties go to the more inferior slice.
+    order = np.lexsort((-per_slice[candidates], -unsure_per_slice[candidates]))
+    best = candidates[order[:n]]
     return sorted(int(i) for i in best)
 
 
-def select_overlay_scans(scans: pd.DataFrame, *, n_high: int = 12) -> list[ScanKey]:
-    """Scans worth a visual check: every flagged one (failed, or QC warning/failure
-    on a scored scan), then the ``n_high`` highest scores."""
-    flagged = _is_flagged(scans)
-    scored = scans[(scans["status"] == "scored") & ~flagged]
+def select_overlay_scans(scans: pd.DataFrame, *, n_high: int = 12, n_review: int = 50) -> list[ScanKey]:
+    """Scans worth a visual check: every one with a problem (failed, or QC warning or
+    failure on a scored scan); then up to ``n_review`` whose risk category hangs on
+    calls the model was unsure of, widest score range first (all are listed in the
+    review table; a cohort can hold thousands); then the ``n_high`` highest scores."""
+    problem = _has_problem(scans)
+    review = scans[~problem & (scans["status"] == "scored") & _category_uncertain(scans)]
+    width = _column(review, "agatston_range_high").astype(float) - _column(review, "agatston_range_low").astype(float)
+    review = review.assign(_width=width.to_numpy()).sort_values("_width", ascending=False, kind="stable")
+    scored = scans[(scans["status"] == "scored") & ~_is_flagged(scans)]
     high = scored.sort_values("agatston_total", ascending=False, na_position="last").head(n_high)
-    return list(dict.fromkeys(_keys(scans[flagged]) + _keys(high)))
+    return list(dict.fromkeys(_keys(scans[problem]) + _keys(review.head(n_review)) + _keys(high)))
 
 
 def _keys(scans: pd.DataFrame) -> list[ScanKey]:
     return [(str(p), str(v)) for p, v in zip(scans["participant_id"], scans["visit"])]
 
 
-def _is_flagged(scans: pd.DataFrame) -> pd.Series:
+def _has_problem(scans: pd.DataFrame) -> pd.Series:
     qc = _column(scans, "qc_status")
-    scored = scans["status"] == "scored"
-    return (scans["status"] == "failed") | (scored & qc.isin(["warn", "fail"])) | (scored & _category_uncertain(scans))
+    return (scans["status"] == "failed") | ((scans["status"] == "scored") & qc.isin(["warn", "fail"]))
+
+
+def _is_flagged(scans: pd.DataFrame) -> pd.Series:
+    return _has_problem(scans) | ((scans["status"] == "scored") & _category_uncertain(scans))
 
 
 def _category_uncertain(scans: pd.DataFrame) -> pd.Series:
+    """True where flagged; false where assessed and not flagged, or not assessed (null)."""
     return _column(scans, "risk_category_uncertain").astype("boolean").fillna(False).astype(bool)
 
 
@@ -268,20 +304,28 @@ def _scores_section(scans: pd.DataFrame, lesions: pd.DataFrame) -> Section:
 def _review_section(scans: pd.DataFrame) -> Section:
     """Scored scans whose risk category hangs on calcium the model was unsure about."""
     scored = scans[scans["status"] == "scored"]
+    assessed = _column(scored, "risk_category_uncertain").notna()
     rows = scored[_category_uncertain(scored)].sort_values(["participant_id", "visit"])
-    intro = ("<p>The model votes each calcium candidate coronary or not. Where that vote was close (coronary "
+    rows = rows[_column(rows, "agatston_range_low").notna() & _column(rows, "agatston_range_high").notna()]
+    not_assessed = ""
+    if not assessed.all():
+        not_assessed = (f"<p>{int((~assessed).sum())} scored scan(s) have no range (inferred by an older "
+                        "version of cacflow): rerun `snakemake --forcerun infer` to assess them.</p>")
+    intro = not_assessed + ("<p>The model votes each calcium candidate coronary or not. Where that vote was close (coronary "
              "share 0.1-0.9: the other answer had at least a 10 % chance), agatston_range_low and "
              "agatston_range_high give the score with every such candidate left out or counted. ")
     if rows.empty:
-        return "review", "Scans to review", intro + "No scored scan's risk category depends on them.</p>"
+        none = "No assessed scan's" if not_assessed else "No scored scan's"
+        return "review", "Scans to review", intro + f"{none} risk category depends on them.</p>"
     data = [
         (r.participant_id, r.visit, _fmt(r.agatston_total), f"{_fmt(r.agatston_range_low)}-{_fmt(r.agatston_range_high)}",
          f"{risk_category(r.agatston_range_low)} to {risk_category(r.agatston_range_high)}")
         for r in rows.itertuples(index=False)
     ]
     content = intro + (
-        f"In {len(rows)} of {len(scored)} scored scan(s) the risk category depends on them: check their "
-        "overlays below before using their category.</p>"
+        f"In {len(rows)} of {int(assessed.sum())} assessed scan(s) the risk category depends on them: check "
+        "them before using their category (the overlays below show up to 50, widest range first, with the "
+        "unsure calls boxed).</p>"
     ) + _table("review", ["participant_id", "visit", "Agatston", "range", "risk category"], data)
     return "review", "Scans to review", content
 

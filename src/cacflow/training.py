@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -71,7 +72,13 @@ def resolve_training_device(requested: str) -> str:
     if requested not in TRAINING_DEVICES:
         raise ValueError(f"unknown training device {requested!r}: use one of {', '.join(TRAINING_DEVICES)}")
     if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        if os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() not in ("", "-1"):
+            log.warning("a GPU was granted (CUDA_VISIBLE_DEVICES=%s) but torch %s cannot use it (CUDA build %s): "
+                        "training on the CPU", os.environ["CUDA_VISIBLE_DEVICES"], torch.__version__,
+                        torch.version.cuda)
+        return "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("training device 'cuda' was asked for, but torch sees no CUDA GPU on this node "
                            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
@@ -265,8 +272,8 @@ def train(config: TrainingConfig) -> dict:
 
     torch.manual_seed(config.seed)
     device = resolve_training_device(config.device)
-    config.notes["trained_on"] = device if device == "cpu" else torch.cuda.get_device_name(0)
-    log.info("training on %s", config.notes["trained_on"])
+    device_name = device if device == "cpu" else torch.cuda.get_device_name(0)
+    log.info("training on %s", device_name)
     if config.coca_root:
         data_dir = Path(config.work_dir) / "dataset"
         n_volumes = build_coca_dataset(config.coca_root, data_dir)
@@ -283,7 +290,7 @@ def train(config: TrainingConfig) -> dict:
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.learning_rate, total_steps=config.steps)
     rng = np.random.default_rng([config.seed, 1])
-    step, history = 0, []
+    step, history, trained_on = 0, [], []
     if checkpoint_path.exists():
         # Loaded onto the CPU and copied into the network and optimiser wherever they
         # are: a run checkpointed on a GPU node resumes on a CPU one and back.
@@ -293,8 +300,11 @@ def train(config: TrainingConfig) -> dict:
         schedule.load_state_dict(state["schedule"])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
-        step, history = state["step"], state["history"]
+        step, history, trained_on = state["step"], state["history"], state.get("trained_on", [])
         log.info("resumed from step %d", step)
+    if not trained_on or trained_on[-1] != device_name:  # each leg of a resumed run that changed device
+        trained_on.append(device_name)
+    config.notes["trained_on"] = ", ".join(trained_on)
     sampler = CropSampler(data_dir, n_volumes, config.crop, rng)
     loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(config.class_weights, device=device),
                                   ignore_index=IGNORE_INDEX)
@@ -318,7 +328,8 @@ def train(config: TrainingConfig) -> dict:
             tmp = checkpoint_path.with_suffix(".tmp")
             torch.save({"network": network.state_dict(), "optimiser": optimiser.state_dict(),
                         "schedule": schedule.state_dict(), "rng": rng.bit_generator.state,
-                        "torch_rng": torch.get_rng_state(), "step": step, "history": history}, tmp)
+                        "torch_rng": torch.get_rng_state(), "step": step, "history": history,
+                        "trained_on": trained_on}, tmp)
             tmp.replace(checkpoint_path)
     network.to("cpu").eval()
     return export(network, config, history)

@@ -19,7 +19,7 @@ STAGE_TABLES = (
     "discover/series.parquet", "discover/visits.parquet", "select/series.parquet", "select/visits.parquet",
     "convert/visits.parquet", "infer/visits.parquet", "score/scans.parquet", "score/lesions.parquet",
 )
-IMAGE_COLUMNS = ("nifti_path", "labels_path")
+IMAGE_COLUMNS = ("nifti_path", "labels_path", "unsure_labels_path")
 
 
 def purge_shards(shards_dir: Path, withdrawn: set[str]) -> tuple[int, int]:

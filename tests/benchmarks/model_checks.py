@@ -7,8 +7,10 @@
 * hold-out: 40 phantoms, seed 99000001 (reported, never used to choose);
 * non-coronary: 40 phantoms without coronary calcium but with aortic wall, aortic
   valve or mitral annulus calcium, seed 31000001 (share scored 0; target >= 95 %);
-* thin: 40 phantoms reconstructed at 1.25 mm, thinner than any training scan
-  (2.5-5 mm; thin recons are common in chest CT archives), seed 12500001.
+* thin: 40 phantoms reconstructed as 1.25 mm slices, thinner than any training scan
+  (2.5-5 mm slices; some at half increments, so 1.25 mm apart, but never 1.25 mm
+  thick, with its higher noise); thin recons are common in chest CT archives.
+  Seed 12500001.
 
 All are drawn with the training distribution (``randomised_phantom_settings``) but
 other seeds; ``snakemake evaluate`` is the end-to-end evaluation from DICOM. Prints

@@ -432,6 +432,17 @@ def test_review_flags_by_hand(tmp_path):
     assert 'id="review-flags"' in text and "1 of 2" in text
     assert any("flagged for review 2/16, of them 1 of the 2 risk-category disagreement(s)" in line
                for line in evaluation.summary_lines(results))
+    # a scan not assessed (null flag) is left out of the shares, not counted as unflagged
+    predicted["risk_category_uncertain"] = predicted["risk_category_uncertain"].astype(object)
+    predicted.loc[8, "risk_category_uncertain"] = None  # the uncaught disagreement
+    partial = evaluation.evaluate(predicted, reference, n_bootstrap=0)["strata"]["all"]["review"]
+    assert partial["not_assessed"] == 1
+    assert (partial["flagged"]["n"], partial["disagreements_flagged"]["count"], partial["disagreements_flagged"]["n"]) == (
+        15, 1, 1)
+    predicted.loc[8, "risk_category_uncertain"] = "maybe"
+    with pytest.raises(evaluation.EvaluationInputError, match="risk_category_uncertain must hold true/false/null"):
+        evaluation.evaluate(predicted, reference, n_bootstrap=0)
+    predicted.loc[8, "risk_category_uncertain"] = False
     # another tool's table, without the flag: the section says so and no metric is made up
     plain = evaluation.evaluate(predicted.drop(columns="risk_category_uncertain"), reference, n_bootstrap=0)
     assert plain["strata"]["all"]["review"] is None

@@ -93,6 +93,6 @@ def test_the_documented_band_is_the_one_in_use():
     from cacflow.inference import AMBIGUOUS_CORONARY_SHARE
 
     low, high = AMBIGUOUS_CORONARY_SHARE
-    assert f"between {low:g} and {high:g}" in DEFINITIONS["Model uncertainty"]
+    assert f"at least {low:g} and below {high:g}" in DEFINITIONS["Model uncertainty"]
     _, _, section = report._review_section(pd.DataFrame({"status": [], "participant_id": [], "visit": []}))
     assert f"share {low:g}-{high:g}" in section

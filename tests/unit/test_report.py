@@ -283,6 +283,34 @@ def test_pick_overlay_slices_orders_by_labelled_calcium():
     assert report.pick_overlay_slices(hu, np.zeros_like(labels)) == [3]
 
 
+def test_slices_with_unsure_calls_come_first():
+    hu, labels = phantom()
+    unsure = np.zeros(hu.shape, bool)
+    hu[0, 28:30, 28:30] = 180.0  # a small unsure candidate on slice 0, labelled nowhere
+    unsure[0, 28:30, 28:30] = True
+    assert report.pick_overlay_slices(hu, labels, n=1, unsure=unsure) == [0]
+    assert report.pick_overlay_slices(hu, labels, n=2, unsure=unsure) == [0, 4]
+    assert report.pick_overlay_slices(hu, np.zeros_like(labels), unsure=unsure) == [0]
+
+
+def test_overlay_png_boxes_unsure_calls():
+    hu, labels = phantom()
+    unsure = np.zeros(hu.shape[1:], bool)
+    unsure[20:22, 20:24] = True  # rows 20-21, columns 20-23
+    plain = Image.open(io.BytesIO(report.overlay_png(hu[4], labels[4]))).convert("RGB")
+    boxed = Image.open(io.BytesIO(report.overlay_png(hu[4], labels[4], unsure=unsure))).convert("RGB")
+    scale = boxed.width // 32
+    # the box runs 2 pixels outside the group: its top-left corner is at (18, 18)
+    assert boxed.getpixel((18 * scale, 18 * scale)) == report.UNSURE_COLOUR
+    assert plain.getpixel((18 * scale, 18 * scale)) != report.UNSURE_COLOUR
+    assert boxed.getpixel((21 * scale, 21 * scale)) == plain.getpixel((21 * scale, 21 * scale))  # inside untouched
+    legend_plain = {plain.getpixel((x, plain.height - 10)) for x in range(plain.width)}
+    legend_boxed = {boxed.getpixel((x, boxed.height - 10)) for x in range(boxed.width)}
+    assert report.UNSURE_COLOUR in legend_boxed - legend_plain
+    with pytest.raises(ValueError, match="unsure mask shape"):
+        report.overlay_png(hu[4], labels[4], unsure=unsure[:5])
+
+
 def test_overlay_png_colours_each_vessel_and_has_a_legend():
     hu, labels = phantom()
     png = report.overlay_png(hu[4], labels[4])
@@ -299,5 +327,22 @@ def test_overlay_png_colours_each_vessel_and_has_a_legend():
 
 def test_select_overlay_scans_puts_flagged_first():
     keys = report.select_overlay_scans(scans_frame(), n_high=2)
-    # flagged (QC warning, failure, risk category hanging on unsure calcium) in table order, then the highest
-    assert keys == [("P02", "v1"), ("P03", "v1"), ("P07", "v1"), ("P04", "v1"), (EVIL_ID, "v2")]
+    # problems (QC warning, failure) in table order, then the scans to review, then the highest
+    assert keys == [("P03", "v1"), ("P07", "v1"), ("P02", "v1"), ("P04", "v1"), (EVIL_ID, "v2")]
+
+
+def test_review_overlays_are_capped_widest_range_first():
+    scans = scans_frame()
+    scans.loc[scans["participant_id"] == "P01", ["agatston_range_high", "risk_category_uncertain"]] = [30.0, True]
+    # P01's range (0-30) is wider than P02's (5-12.5)
+    assert report.select_overlay_scans(scans, n_high=0, n_review=1) == [("P03", "v1"), ("P07", "v1"), ("P01", "v1")]
+    assert report.select_overlay_scans(scans, n_high=0) == [("P03", "v1"), ("P07", "v1"), ("P01", "v1"), ("P02", "v1")]
+
+
+def test_review_section_counts_scans_not_assessed(tmp_path):
+    scans = scans_frame()
+    scans["risk_category_uncertain"] = scans["risk_category_uncertain"].astype(object)
+    scans.loc[scans["participant_id"] == "P04", "risk_category_uncertain"] = None  # an older shard's row
+    text = report.render_report(scans, series_frame(), lesions_frame(), tmp_path / "r.html").read_text()
+    assert "1 scored scan(s) have no range" in text and "--forcerun infer" in text
+    assert "In 1 of 4 assessed scan(s)" in text

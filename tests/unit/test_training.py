@@ -25,8 +25,20 @@ def test_asking_for_a_gpu_where_there_is_none_fails_with_a_reason():
         pytest.skip("this machine has a GPU")
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         resolve_training_device("cuda")
+
+
+def test_an_unknown_device_is_refused():
     with pytest.raises(ValueError, match="unknown training device 'tpu'"):
         resolve_training_device("tpu")
+
+
+def test_a_granted_gpu_torch_cannot_use_is_reported(monkeypatch, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with caplog.at_level("WARNING", logger="cacflow.training"):
+        assert resolve_training_device("auto") == "cpu"
+    assert "a GPU was granted (CUDA_VISIBLE_DEVICES=0) but torch" in caplog.text
 
 
 @pytest.fixture(scope="module")

@@ -132,6 +132,14 @@ def test_every_scored_scan_carries_its_range_over_unsure_calls(tiny_run):
         assert uncertain == (risk_category(low) != risk_category(high))
         assert ("review the overlay" in reason) == uncertain
     assert all(row[2:5] == (None, None, None) for row in rows if row[0] != "scored")
+    # The unsure calls are kept for the reviewer's overlay exactly where there are any.
+    inferred = sql(f"""select n_ambiguous_candidates, unsure_labels_path
+                       from read_parquet('{workdir}/results/shards/*/infer/visits.parquet')
+                       where labels_path is not null""")
+    assert inferred
+    for n_unsure, path in inferred:
+        assert (path is not None) == (n_unsure > 0)
+        assert path is None or (workdir / path).is_file()  # relative to the working directory
 
 
 def test_every_discovered_series_has_a_qc_status_and_one_chosen_per_scored_visit(tiny_run):
