@@ -674,15 +674,19 @@ def _log_summary(scans: list[dict], reference: dict) -> None:
 
     counts = Counter(row["status"] for row in scans)
     log.info("cohort: %d scans: %s", len(scans), ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    review = [row for row in scans if row["status"] == SCORED and row.get("risk_category_uncertain")]
+    if review:
+        log.info("review: in %d of %d scored scans the risk category depends on calls the model was unsure of "
+                 "(risk_category_uncertain; listed in the report)", len(review), counts.get(SCORED, 0))
     compared = [row for row in scans if row["status"] == SCORED and row.get("reference_risk_category")]
     if compared:
         agree = sum(row["risk_category"] == row["reference_risk_category"] for row in compared)
         log.info("predicted vs reference: risk category agrees on %d of %d scored scans (%.1f %%)",
                  agree, len(compared), 100.0 * agree / len(compared))
         for row in sorted(compared, key=lambda r: (r["participant_id"], r["visit"])):
-            log.info("  %s %s: predicted %.1f (%s), reference %.1f (%s)", row["participant_id"], row["visit"],
+            log.info("  %s %s: predicted %.1f (%s), reference %.1f (%s)%s", row["participant_id"], row["visit"],
                      row["agatston_total"], row["risk_category"], row["reference_agatston_total"],
-                     row["reference_risk_category"])
+                     row["reference_risk_category"], ", flagged for review" if row.get("risk_category_uncertain") else "")
 
 
 # --- report ----------------------------------------------------------------------

@@ -43,8 +43,8 @@ class TrainingConfig:
     work_dir: str
     model_dir: str
     seed: int = 20261126
-    n_volumes: int = 400
-    steps: int = 20000
+    n_volumes: int = 800
+    steps: int = 30000
     batch_size: int = 8
     crop: int = 96  # 144 mm at 1.5 mm: enough context to tell the arteries apart
     learning_rate: float = 2e-3
@@ -53,7 +53,7 @@ class TrainingConfig:
     class_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)
     checkpoint_every: int = 100
     workers: int = 2
-    model_version: str = "0.1.0"
+    model_version: str = "0.2.0"
     notes: dict = field(default_factory=dict)
     coca_root: str | None = None  # fine-tune on COCA-format annotations instead of phantoms
     init_weights: str | None = None  # start from these weights (calciumnet.pt)

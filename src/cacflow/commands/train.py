@@ -15,8 +15,8 @@ HELP = ("train the coronary calcium network on generated phantoms, or fine-tune 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, required=True, help="dataset cache and checkpoints")
     parser.add_argument("--model-dir", type=Path, required=True, help="where the trained model is written")
-    parser.add_argument("--volumes", type=int, default=400, help="generated training volumes")
-    parser.add_argument("--steps", type=int, default=20000)
+    parser.add_argument("--volumes", type=int, default=800, help="generated training volumes")
+    parser.add_argument("--steps", type=int, default=30000)
     parser.add_argument("--seed", type=int, default=20261126)
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
     parser.add_argument("--learning-rate", type=float, default=None, help="peak of the one-cycle schedule")
