@@ -300,9 +300,9 @@ def test_overlay_png_boxes_unsure_calls():
     plain = Image.open(io.BytesIO(report.overlay_png(hu[4], labels[4]))).convert("RGB")
     boxed = Image.open(io.BytesIO(report.overlay_png(hu[4], labels[4], unsure=unsure))).convert("RGB")
     scale = boxed.width // 32
-    # the box runs 2 pixels outside the group: its top-left corner is at (18, 18)
-    assert boxed.getpixel((18 * scale, 18 * scale)) == report.UNSURE_COLOUR
-    assert plain.getpixel((18 * scale, 18 * scale)) != report.UNSURE_COLOUR
+    # the box runs 4 pixels outside the group: its top-left corner is at (16, 16)
+    assert boxed.getpixel((16 * scale, 16 * scale)) == report.UNSURE_COLOUR
+    assert plain.getpixel((16 * scale, 16 * scale)) != report.UNSURE_COLOUR
     assert boxed.getpixel((21 * scale, 21 * scale)) == plain.getpixel((21 * scale, 21 * scale))  # inside untouched
     legend_plain = {plain.getpixel((x, plain.height - 10)) for x in range(plain.width)}
     legend_boxed = {boxed.getpixel((x, boxed.height - 10)) for x in range(boxed.width)}
