@@ -205,11 +205,15 @@ def agatston_range(
     if labels.shape != flipped_labels.shape:
         raise ValueError(f"flipped labels shape {flipped_labels.shape} differs from labels shape {labels.shape}")
     without_mass = replace(settings, mass_calibration_mg_per_hu_mm3=None)  # Agatston only: skip the mass work
+
+    def total(chosen: np.ndarray) -> float:
+        return score_volume(hu, chosen, spacing_mm, without_mass, kvp=kvp, z_positions_mm=z_positions_mm).agatston_total
+
+    if np.array_equal(labels, flipped_labels):  # no unsure call (most scans): one scoring pass, not two
+        only = total(labels)
+        return only, only
     lowest = np.where(flipped_labels == 0, 0, labels).astype(labels.dtype)
-    highest = np.maximum(labels, flipped_labels)
-    low, high = (score_volume(hu, chosen, spacing_mm, without_mass, kvp=kvp, z_positions_mm=z_positions_mm).agatston_total
-                 for chosen in (lowest, highest))
-    return low, high
+    return total(lowest), total(np.maximum(labels, flipped_labels))
 
 
 def _check_inputs(hu: np.ndarray, labels: np.ndarray, spacing_mm, z_positions_mm) -> None:

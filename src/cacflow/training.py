@@ -465,8 +465,6 @@ def noncoronary_check(model_dir: str, n_scans: int = 40, seed: int = 31_000_001,
     aortic wall, aortic valve or mitral annulus calcium visible (>= 130 HU; bone is in
     every one, each device with probability 0.3): the share the exported model scores
     0 (the issue asks at least 95 %). Phantoms without such calcium are drawn again."""
-    from dataclasses import replace
-
     from cacflow.synth.cohort import noncoronary_calcium
     from cacflow.synth.phantom import generate_phantom
 
