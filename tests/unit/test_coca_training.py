@@ -111,7 +111,7 @@ def test_snakemake_train_fine_tunes_when_the_config_names_a_coca_root(tmp_path):
                "-n", "-p", "train"]
     plain = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr[-2000:]
-    assert "--work-dir results/training --volumes 800 --steps 30000 --device auto" in plain.stdout
+    assert "--work-dir results/training --members 400:20000,800:30000 --device auto" in plain.stdout
     assert "--coca-root" not in plain.stdout
     extra = tmp_path / "coca.yaml"
     extra.write_text("training:\n  coca_root: /data/my coca\n  fine_tune_steps: 700\n  device: cuda\n")

@@ -113,3 +113,51 @@ def test_cli_refuses_an_unknown_device(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m"), "--device", "gpu0"])
     assert "invalid choice: 'gpu0'" in capsys.readouterr().err
+
+
+def test_an_ensemble_is_its_members_trained_alone_then_averaged(tmp_path, two_phantom_dataset, monkeypatch,
+                                                                 one_torch_thread):
+    from dataclasses import replace
+    from pathlib import Path
+
+    import numpy as np
+
+    from cacflow.model.engines import ModelFiles, OnnxRuntimeEngine
+    from cacflow.model.preprocessing import N_INPUT_CHANNELS
+
+    alone = replace(_config(tmp_path, "alone", two_phantom_dataset), steps=3)
+    training.train(alone)
+    pair = replace(_config(tmp_path, "pair", two_phantom_dataset), members=((2, 3), (1, 4)))
+    info = training.train(pair)
+    assert info["ensemble_size"] == 2
+    assert [(m["n_volumes"], m["steps"], len(m["loss_history"])) for m in info["members"]] == [(2, 3, 3), (1, 4, 4)]
+
+    model = ModelFiles(Path(pair.model_dir))
+    assert model.ensemble_size == 2
+    network = model.build_network()
+    # A member is what the same recipe trains alone (same seed, same phantoms).
+    first_member = network.members[0].state_dict()
+    for name, value in _weights(alone).items():
+        assert torch.equal(first_member[name], value), name
+    assert not torch.equal(network.members[1].state_dict()["head.weight"], first_member["head.weight"])
+
+    # The ensemble's output is the mean of its members' class probabilities.
+    members = [ModelFiles(Path(pair.work_dir) / f"member{k}" / "model").build_network() for k in (1, 2)]
+    x = torch.randn(2, N_INPUT_CHANNELS, 32, 48)
+    with torch.inference_mode():
+        expected = torch.stack([torch.softmax(member(x), dim=1) for member in members]).mean(dim=0)
+        got = torch.softmax(network(x), dim=1)
+    assert torch.allclose(got, expected, atol=1e-5)
+    onnx = torch.softmax(torch.from_numpy(OnnxRuntimeEngine(model, threads=1)(x.numpy())), dim=1)
+    assert np.abs((onnx - expected).numpy()).max() < 1e-4
+
+    # Rerun: both members are trained, so nothing is trained again.
+    monkeypatch.setattr(training.CropSampler, "batch", lambda *a: pytest.fail("a trained member was trained again"))
+    assert training.train(pair)["members"] == info["members"]
+
+
+@pytest.mark.parametrize("spec", ["800", "400:0", "a:b", "400:20000,", ""])
+def test_cli_refuses_a_malformed_ensemble_recipe(tmp_path, capsys, spec):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m"), "--members", spec])
+    assert "expected VOLUMES:STEPS pairs" in capsys.readouterr().err

@@ -62,5 +62,6 @@ def training_arguments():
             f"--init-weights packaged --steps {training.get('fine_tune_steps', 2000)} "
             f"--learning-rate {training.get('fine_tune_learning_rate', 0.0005)} {device}"
         )
-    return (f"--work-dir results/training --volumes {training.get('volumes', 800)} "
-            f"--steps {training.get('steps', 30000)} {device}")
+    # No members in the config: `cacflow train` trains the shipped model's recipe.
+    members = ",".join(f"{m['volumes']}:{m['steps']}" for m in training.get("members", []))
+    return f"--work-dir results/training {f'--members {members} ' if members else ''}{device}"

@@ -15,8 +15,10 @@ HELP = ("train the coronary calcium network on generated phantoms, or fine-tune 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, required=True, help="dataset cache and checkpoints")
     parser.add_argument("--model-dir", type=Path, required=True, help="where the trained model is written")
-    parser.add_argument("--volumes", type=int, default=800, help="generated training volumes")
-    parser.add_argument("--steps", type=int, default=30000)
+    parser.add_argument("--members", type=_members, default=None, metavar="VOLUMES:STEPS[,VOLUMES:STEPS...]",
+                        help="phantoms and steps of each network of the ensemble (default: the shipped model's "
+                             "recipe, 400:20000,800:30000); one pair trains a single network")
+    parser.add_argument("--steps", type=int, default=2000, help="steps of a COCA fine-tune")
     parser.add_argument("--seed", type=int, default=20261126)
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
     parser.add_argument("--learning-rate", type=float, default=None, help="peak of the one-cycle schedule")
@@ -28,17 +30,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start from these weights: 'packaged' (the shipped model) or a calciumnet.pt")
 
 
+def _members(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        members = tuple(tuple(int(n) for n in pair.split(":")) for pair in text.split(","))
+    except ValueError:
+        members = ()
+    if not members or any(len(pair) != 2 or min(pair) < 1 for pair in members):
+        raise argparse.ArgumentTypeError(f"expected VOLUMES:STEPS pairs of positive integers, e.g. 400:20000,800:30000; got {text!r}")
+    return members
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from cacflow.model.engines import ModelFiles
-    from cacflow.training import TrainingConfig, train
+    from cacflow.training import SHIPPED_MEMBERS, TrainingConfig, train
 
     init_weights = args.init_weights
     if init_weights == "packaged":
         init_weights = str(ModelFiles.packaged().torch_path)
     config = TrainingConfig(
         work_dir=str(args.work_dir), model_dir=str(args.model_dir), seed=args.seed,
-        n_volumes=args.volumes, steps=args.steps, workers=args.workers,
+        members=args.members or SHIPPED_MEMBERS, steps=args.steps, workers=args.workers,
         coca_root=str(args.coca_root) if args.coca_root else None, init_weights=init_weights,
         device=args.device,
     )

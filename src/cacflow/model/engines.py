@@ -51,6 +51,11 @@ class ModelFiles:
     def version(self) -> str:
         return self.info["model_version"]
 
+    @property
+    def ensemble_size(self) -> int:
+        """CalciumNets whose probabilities the model averages (1: a single network)."""
+        return int(self.info.get("ensemble_size", 1))
+
     @cached_property
     def sha256(self) -> str:
         """Hash of the weights: provenance for every result row."""
@@ -60,9 +65,9 @@ class ModelFiles:
         """The PyTorch network with the trained weights loaded (eval mode)."""
         import torch
 
-        from cacflow.model.network import CalciumNet
+        from cacflow.model.network import build_network
 
-        network = CalciumNet(self.info["in_channels"], tuple(self.info["widths"]))
+        network = build_network(self.info["in_channels"], tuple(self.info["widths"]), self.ensemble_size)
         network.load_state_dict(torch.load(self.torch_path, map_location="cpu", weights_only=True))
         return network.eval()
 

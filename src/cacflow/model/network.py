@@ -7,6 +7,9 @@ exact); the network only classifies candidate calcium, on a coarse in-plane grid
 
 Output classes: 0 = calcium that is not coronary (bone, aorta, valves, noise),
 1 LM, 2 LAD, 3 LCX, 4 RCA.
+
+``CalciumEnsemble`` averages the class probabilities of several CalciumNets (the
+shipped model: two, trained alike on different amounts of data for different lengths).
 """
 
 from __future__ import annotations
@@ -63,3 +66,44 @@ class CalciumNet(nn.Module):
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
             x = decoder(torch.cat([skip, x], dim=1))
         return self.head(x)
+
+
+class CalciumEnsemble(nn.Module):
+    """CalciumNets trained alike but not identically make different mistakes; the mean
+    of their class probabilities keeps what they agree on (on the validation phantoms
+    the shipped pair beat each member: docs/evaluation.md).
+
+    Returns log-probabilities, which every consumer can treat as logits:
+    softmax(log p) = p, and cross-entropy on them is the ensemble's log-loss, so the
+    same training loop fine-tunes an ensemble."""
+
+    # fp16 engines (TensorRT, autocast) cannot hold smaller values; far below any decision.
+    MIN_PROBABILITY = 1e-6
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...], n_members: int):
+        super().__init__()
+        if n_members < 2:
+            raise ValueError(f"an ensemble needs at least two members, got {n_members}")
+        self.widths = tuple(widths)
+        self.members = nn.ModuleList(CalciumNet(in_channels, widths) for _ in range(n_members))
+
+    @property
+    def size_multiple(self) -> int:
+        return self.members[0].size_multiple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.stack([F.softmax(member(x), dim=1) for member in self.members]).mean(dim=0)
+        return torch.log(probabilities.clamp_min(self.MIN_PROBABILITY))
+
+
+def build_network(in_channels: int, widths: tuple[int, ...], n_members: int = 1) -> nn.Module:
+    """One CalciumNet, or an ensemble of ``n_members`` of them."""
+    if n_members == 1:
+        return CalciumNet(in_channels, widths)
+    return CalciumEnsemble(in_channels, widths, n_members)
+
+
+def ensemble_size(state_dict: dict) -> int:
+    """Members in saved weights: 1 for a plain CalciumNet's."""
+    members = {name.split(".")[1] for name in state_dict if name.startswith("members.")}
+    return len(members) or 1
