@@ -298,6 +298,9 @@ def _train_ensemble(config: TrainingConfig) -> dict:
 
     from cacflow.model.network import CalciumEnsemble
 
+    if config.init_weights:
+        raise ValueError("an ensemble is trained from scratch, one member after the other; starting weights "
+                         "are for fine-tuning (with a COCA root) or for a single network (one members entry)")
     build_dataset(replace(config, n_volumes=max(volumes for volumes, _ in config.members)))
     weights, members = [], []
     for k, (n_volumes, steps) in enumerate(config.members, 1):
@@ -307,8 +310,13 @@ def _train_ensemble(config: TrainingConfig) -> dict:
                          model_version=f"{config.model_version}-member{k}", notes={})
         info_path = member_dir / "model" / "model.json"
         if info_path.exists():
-            log.info("member %d of %d: already trained (%s)", k, len(config.members), member.model_dir)
             info = json.loads(info_path.read_text())
+            trained = {key: info["training"].get(key) for key in ("seed", "n_volumes", "steps")}
+            if trained != {"seed": config.seed, "n_volumes": n_volumes, "steps": steps}:
+                raise ValueError(f"member {k} in {member_dir} was trained with {trained}, not with seed {config.seed}, "
+                                 f"{n_volumes} phantoms and {steps} steps: restore the recipe, or delete that "
+                                 "folder to train the member again")
+            log.info("member %d of %d: already trained (%s)", k, len(config.members), member.model_dir)
         else:
             log.info("member %d of %d: %d phantoms, %d steps", k, len(config.members), n_volumes, steps)
             info = _train_network(member)
@@ -441,9 +449,11 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
         "target_spacing_mm": TARGET_SPACING_MM,
         "classes": ["not_coronary", "lm", "lad", "lcx", "rca"],
         "onnx_max_abs_diff_vs_torch": max_error,
-        # Paths stay out: they can name a site or a person.
+        # Paths stay out: they can name a site or a person. An ensemble's phantoms and
+        # steps are its members'.
         "training": {k: v for k, v in asdict(config).items()
-                     if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device", "dataset_dir")},
+                     if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device", "dataset_dir")
+                     and not (members and k in ("n_volumes", "steps"))},
         "loss_history": history,
         **({"members": members} if members else {}),
     }

@@ -151,9 +151,35 @@ def test_an_ensemble_is_its_members_trained_alone_then_averaged(tmp_path, two_ph
     onnx = torch.softmax(torch.from_numpy(OnnxRuntimeEngine(model, threads=1)(x.numpy())), dim=1)
     assert np.abs((onnx - expected).numpy()).max() < 1e-4
 
-    # Rerun: both members are trained, so nothing is trained again.
-    monkeypatch.setattr(training.CropSampler, "batch", lambda *a: pytest.fail("a trained member was trained again"))
+    # Rerun: both members are trained, so nothing is trained again...
+    real_train_network = training._train_network
+    monkeypatch.setattr(training, "_train_network", lambda *a: pytest.fail("a trained member was trained again"))
     assert training.train(pair)["members"] == info["members"]
+    # ...unless the recipe changed: then the old member is not passed off as the new one.
+    with pytest.raises(ValueError, match="member 2 .* was trained with .* not with seed 20261126, 2 phantoms and 4 steps"):
+        training.train(replace(pair, members=((2, 3), (2, 4))))
+    # A member killed before its model was written resumes from its own checkpoint
+    # (here its last step: it is exported again without training; resuming mid-run is
+    # test_a_killed_run_resumes_to_the_uninterrupted_weights).
+    monkeypatch.setattr(training, "_train_network", real_train_network)
+    member2 = Path(pair.work_dir) / "member2"
+    for done in (member2 / "model").iterdir():
+        done.unlink()
+    steps_run = []
+    real_batch = training.CropSampler.batch
+    monkeypatch.setattr(training.CropSampler, "batch", lambda self, size: steps_run.append(1) or real_batch(self, size))
+    training.train(pair)
+    assert steps_run == []  # its checkpoint was at its last step: nothing left to run
+    assert ModelFiles(Path(pair.model_dir)).build_network().state_dict().keys() == network.state_dict().keys()
+
+
+def test_an_ensemble_cannot_start_from_weights(tmp_path, two_phantom_dataset):
+    from dataclasses import replace
+
+    pair = replace(_config(tmp_path, "pair", two_phantom_dataset), members=((2, 3), (1, 4)), init_weights="any.pt")
+    with pytest.raises(ValueError, match="an ensemble is trained from scratch"):
+        training.train(pair)
+    assert not (tmp_path / "pair" / "member1").exists()
 
 
 @pytest.mark.parametrize("spec", ["800", "400:0", "a:b", "400:20000,", ""])

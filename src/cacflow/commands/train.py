@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         init_weights = str(ModelFiles.packaged().torch_path)
     config = TrainingConfig(
         work_dir=str(args.work_dir), model_dir=str(args.model_dir), seed=args.seed,
-        members=args.members or SHIPPED_MEMBERS, steps=args.steps, workers=args.workers,
+        # A COCA fine-tune tunes whatever --init-weights holds: no member recipe.
+        members=() if args.coca_root else args.members or SHIPPED_MEMBERS, steps=args.steps, workers=args.workers,
         coca_root=str(args.coca_root) if args.coca_root else None, init_weights=init_weights,
         device=args.device,
     )

@@ -77,7 +77,8 @@ class CalciumEnsemble(nn.Module):
     softmax(log p) = p, and cross-entropy on them is the ensemble's log-loss, so the
     same training loop fine-tunes an ensemble."""
 
-    # fp16 engines (TensorRT, autocast) cannot hold smaller values; far below any decision.
+    # Keeps log() finite; far below any decision. fp16 engines (TensorRT) hold it as a
+    # subnormal; one that flushes it to 0 gives -inf, which softmax maps back to 0.
     MIN_PROBABILITY = 1e-6
 
     def __init__(self, in_channels: int, widths: tuple[int, ...], n_members: int):
