@@ -285,9 +285,9 @@ class CropSampler:
 
 def train(config: TrainingConfig) -> dict:
     """Train (or resume) the model ``config`` describes and export it to model_dir."""
-    if len(config.members) > 1 and not config.coca_root:
-        return _train_ensemble(config)
-    if config.members and not config.coca_root:
+    if config.members and not config.coca_root:  # a COCA fine-tune tunes init_weights as they are
+        if len(config.members) > 1:
+            return _train_ensemble(config)
         (n_volumes, steps), = config.members
         config = replace(config, n_volumes=n_volumes, steps=steps)
     return _train_network(config)
@@ -422,6 +422,8 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
     import onnxruntime as ort
     import torch
 
+    from cacflow.model.network import ensemble_size
+
     model_dir = Path(config.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), model_dir / "calciumnet.pt")
@@ -439,11 +441,11 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
     max_error = float(np.abs(got - expected).max())
     if max_error > 1e-3:
         raise RuntimeError(f"ONNX export disagrees with PyTorch (max |diff| {max_error:.2e})")
-    ensemble_size = len(getattr(network, "members", ())) or 1
+    members_in_network = ensemble_size(network.state_dict())
     info = {
         "model_version": config.model_version,
-        "architecture": "CalciumNet 2-D U-Net" + (f", ensemble of {ensemble_size}" if ensemble_size > 1 else ""),
-        "ensemble_size": ensemble_size,
+        "architecture": "CalciumNet 2-D U-Net" + (f", ensemble of {members_in_network}" if members_in_network > 1 else ""),
+        "ensemble_size": members_in_network,
         "in_channels": N_INPUT_CHANNELS,
         "widths": list(config.widths),
         "target_spacing_mm": TARGET_SPACING_MM,

@@ -85,12 +85,7 @@ class CalciumEnsemble(nn.Module):
         super().__init__()
         if n_members < 2:
             raise ValueError(f"an ensemble needs at least two members, got {n_members}")
-        self.widths = tuple(widths)
         self.members = nn.ModuleList(CalciumNet(in_channels, widths) for _ in range(n_members))
-
-    @property
-    def size_multiple(self) -> int:
-        return self.members[0].size_multiple
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probabilities = torch.stack([F.softmax(member(x), dim=1) for member in self.members]).mean(dim=0)
