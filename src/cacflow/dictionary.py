@@ -148,7 +148,10 @@ DEFINITIONS: dict[str, str] = {
         "settings that change selection, QC or scores), shard (the processing batch) "
         "and processed_at (UTC time of scoring). Rows that agree on pipeline_version, "
         "model_sha256 and settings_hash were produced by the same code, weights and "
-        "settings; a change in any of them re-scores the affected scans."
+        "settings. Other model weights (a release with a new shipped model, or the "
+        "config's model) or a changed setting re-score the affected scans on the next "
+        "run; a release that changes only code does not (force it with snakemake "
+        "--forcerun infer)."
     ),
     "Quality control": (
         "Each series gets qc_status 'pass', 'warn' or 'fail', the worst of its checks, "

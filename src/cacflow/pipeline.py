@@ -324,14 +324,15 @@ def stage_convert(visits_path: Path, nifti_dir: Path, settings: dict, out_visits
 # --- infer -----------------------------------------------------------------------
 
 class Inferer:
-    """One engine for a whole shard (or one ``score-scan``): loaded once."""
+    """One engine for a whole shard (or one ``score-scan``): loaded once. ``settings``
+    holds the config's ``scoring`` section and its ``model`` (empty: the shipped one)."""
 
     def __init__(self, engine_kind: str, settings: dict):
         from cacflow.inference import CalciumSegmenter
         from cacflow.model.engines import ModelFiles, create_engine
 
         self.settings = settings
-        self.model = ModelFiles.packaged()
+        self.model = ModelFiles.chosen(settings.get("model"))
         self.engine = create_engine(engine_kind, self.model)
         self.segmenter = CalciumSegmenter(self.engine, threshold_hu=float(settings["scoring"]["threshold_hu"]))
         log.info("engine %s, model %s (sha256 %s)", self.engine.label, self.model.version, self.model.sha256[:12])
@@ -366,8 +367,13 @@ class Inferer:
         visit.update(self.provenance(), labels_path=str(target), infer_seconds=time.perf_counter() - started,
                      n_calcium_candidates=segmentation.n_candidates, n_coronary_candidates=segmentation.n_coronary,
                      n_ambiguous_candidates=segmentation.n_ambiguous, agatston_range_low=low,
-                     agatston_range_high=high, unsure_labels_path=str(unsure_path) if unsure_path else None)
+                     agatston_range_high=high, unsure_labels_path=str(unsure_path) if unsure_path else None,
+                     outside_model_range=_negated(self.model.within_training_range(volume.spacing_mm)))
         return visit
+
+
+def _negated(flag: bool | None) -> bool | None:
+    return None if flag is None else not flag
 
 
 def stage_infer(visits_path: Path, engine_kind: str, settings: dict, labels_dir: Path, out_visits: Path) -> None:
@@ -482,6 +488,10 @@ def score_visit(visit: dict, volume, labels: np.ndarray, settings: dict) -> tupl
     return scan, lesions
 
 
+OUTSIDE_MODEL_RANGE_NOTE = ("pixel spacing outside the range the model was trained on (outside_model_range); "
+                            "expect lower agreement, review the overlay")
+
+
 def _scored_reason(visit: dict, category_uncertain: bool = False) -> str | None:
     """Scored scans still say what a reader should know (non-gated, QC warnings, a risk
     category that hangs on calcium the model was unsure about). The wording is fixed
@@ -492,6 +502,8 @@ def _scored_reason(visit: dict, category_uncertain: bool = False) -> str | None:
                      "(agatston_range_low to agatston_range_high)")
     if visit.get("scan_type") == "nongated":
         notes.append("scored on non-gated chest CT (no gated series); expect lower agreement with gated scoring")
+    if visit.get("outside_model_range"):
+        notes.append(OUTSIDE_MODEL_RANGE_NOTE)
     if visit.get("qc_reasons"):
         notes.append(f"QC warnings: {visit['qc_reasons']}")
     return "; ".join(notes) or None
@@ -502,7 +514,8 @@ def scan_row(visit: dict, scores: dict | None, settings_digest: str) -> dict:
     if scores:
         row.update(scores)
     else:  # the range was measured at inference, but this visit has no score to bracket
-        row.update(agatston_range_low=None, agatston_range_high=None, risk_category_uncertain=None)
+        row.update(agatston_range_low=None, agatston_range_high=None, risk_category_uncertain=None,
+                   outside_model_range=None)
     row.update(pipeline_version=__version__, settings_hash=settings_digest,
                processed_at=datetime.now(timezone.utc))
     return row

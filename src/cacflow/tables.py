@@ -218,6 +218,14 @@ SCANS: list[Column] = [
         "reader should check the overlay (the scan is listed in the report). See "
         "Definitions: Model uncertainty.",
     ),
+    _c(
+        "outside_model_range", _BOOL, "",
+        "True when the scan's in-plane pixel spacing lies outside the span the model was "
+        "trained on (the shipped model: 0.30-0.85 mm; model.json training_ranges), e.g. "
+        "a chest CT with a field of view over about 435 mm: the model is extrapolating "
+        "and its agreement is lower (model card), so status_reason says so. Null for "
+        "scans not scored, or when the model records no range.",
+    ),
     _GATED,
     _GATING_CONFIDENCE,
     _SCAN_TYPE,

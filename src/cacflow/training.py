@@ -105,16 +105,23 @@ def resolve_training_device(requested: str) -> str:
     return requested
 
 
+# In-plane pixel spacing of the training phantoms: gated (zoomed cardiac) and non-gated
+# (chest) fields of view. model.json records the whole span ("training_ranges"), and
+# scans outside it are marked (scans table: outside_model_range).
+GATED_PIXEL_SPACING_MM = (0.30, 0.50)
+NONGATED_PIXEL_SPACING_MM = (0.60, 0.85)
+
+
 def randomised_phantom_settings(rng: np.random.Generator):
     """Settings that span what real archives hold (issue: generalise to any scanner)."""
     from cacflow.synth.phantom import PhantomSettings
 
     gated = rng.random() < 0.7
     if gated:
-        pixel_spacing = float(rng.uniform(0.30, 0.50))
+        pixel_spacing = float(rng.uniform(*GATED_PIXEL_SPACING_MM))
         thickness = float(rng.choice([2.5, 3.0, 3.0, 3.0]))
     else:
-        pixel_spacing = float(rng.uniform(0.60, 0.85))
+        pixel_spacing = float(rng.uniform(*NONGATED_PIXEL_SPACING_MM))
         thickness = float(rng.choice([2.5, 3.0, 5.0]))
     increment = thickness if rng.random() < 0.8 else thickness / 2
     return PhantomSettings(
@@ -451,6 +458,8 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
         "target_spacing_mm": TARGET_SPACING_MM,
         "classes": ["not_coronary", "lm", "lad", "lcx", "rca"],
         "onnx_max_abs_diff_vs_torch": max_error,
+        # A COCA fine-tune keeps the phantoms' span: it starts from the phantom-trained model.
+        "training_ranges": {"pixel_spacing_mm": [GATED_PIXEL_SPACING_MM[0], NONGATED_PIXEL_SPACING_MM[1]]},
         # Paths stay out: they can name a site or a person. An ensemble's phantoms and
         # steps are its members'.
         "training": {k: v for k, v in asdict(config).items()
@@ -489,26 +498,46 @@ def _range_columns(predicted_range: tuple[float, float]) -> dict:
     return {"range_low": low, "range_high": high, "category_uncertain": risk_category(low) != risk_category(high)}
 
 
+# Changes to the acquisition of phantoms drawn as for training, for checks beyond the
+# training ranges (``holdout_check(..., change=NAME)``). Drawn from their own random
+# stream, so a check and its control (same seed) image the same patients.
+ACQUISITION_CHANGES = {
+    # Thin reconstructions (1.25 mm, contiguous), common in chest CT archives.
+    "thin": lambda settings, rng: replace(settings, slice_thickness_mm=1.25, slice_increment_mm=1.25),
+    # Non-gated chest CT of a large patient: 430-500 mm field of view (training: up to 0.85 mm).
+    "wide_fov": lambda settings, rng: replace(settings, gated=False, fov_centre="body",
+                                              pixel_spacing_mm=float(rng.uniform(0.86, 0.98))),
+    # Its control: the same patients as non-gated chest CT within the training range.
+    "nongated": lambda settings, rng: replace(settings, gated=False, fov_centre="body",
+                                              pixel_spacing_mm=float(rng.uniform(0.60, 0.85))),
+    # Tube voltages other than 100 and 120 kVp: calcium is brighter at 80, dimmer at 140.
+    "kvp_80": lambda settings, rng: replace(settings, kvp=80),
+    "kvp_140": lambda settings, rng: replace(settings, kvp=140),
+}
+
+
 def holdout_check(model_dir: str, n_scans: int = 40, seed: int = 99_000_001, workers: int = 2,
-                  slice_thickness_mm: float | None = None) -> dict:
+                  change: str | None = None) -> dict:
     """Score generated scans never used in training (other seeds) with the exported
     ONNX model and compare with their reference scores: risk-category agreement,
-    CAC > 0 detection, and the mean absolute Agatston error. ``slice_thickness_mm``
-    reconstructs every scan at that thickness (contiguous slices), e.g. thin slices
-    the training set does not hold."""
+    CAC > 0 detection, and the mean absolute Agatston error. ``change`` (a key of
+    ``ACQUISITION_CHANGES``) changes every scan's acquisition, e.g. to one the training
+    set does not hold."""
     from cacflow.synth.phantom import generate_phantom
 
     score = _phantom_scorer(model_dir, workers)
     rng = np.random.default_rng(seed)
+    change_rng = np.random.default_rng([seed, 1])
     rows = []
     for index in range(n_scans):
         settings = randomised_phantom_settings(rng)
-        if slice_thickness_mm is not None:
-            settings = replace(settings, slice_thickness_mm=slice_thickness_mm, slice_increment_mm=slice_thickness_mm)
+        if change is not None:
+            settings = ACQUISITION_CHANGES[change](settings, change_rng)
         phantom = generate_phantom(int(rng.integers(2**31)), settings)
         predicted, predicted_range = score(phantom)
         rows.append({
             "gated": settings.gated, "slice_thickness_mm": settings.slice_thickness_mm,
+            "pixel_spacing_mm": settings.pixel_spacing_mm, "kvp": settings.kvp,
             "reference": phantom.reference["agatston_total"],
             "reference_category": phantom.reference["risk_category"],
             "predicted": predicted.agatston_total, "predicted_category": predicted.risk_category,

@@ -1,7 +1,7 @@
 """Figures of a trained model on generated scans it never saw (the model card's numbers).
 
     python tests/benchmarks/model_checks.py src/cacflow/model/weights \\
-        [--validation 60] [--holdout 40] [--noncoronary 40] [--thin 40] [--workers 2]
+        [--validation 60] [--holdout 40] [--noncoronary 40] [--thin 40] [--outside 40] [--workers 2]
 
 * validation: 60 phantoms, seed 55000001 (the set that chooses between models);
 * hold-out: 40 phantoms, seed 99000001 (reported, never used to choose);
@@ -11,6 +11,13 @@
   (2.5-5 mm slices; some at half increments, so 1.25 mm apart, but never 1.25 mm
   thick, with its higher noise); thin recons are common in chest CT archives.
   Seed 12500001.
+* outside_wide_fov, outside_kvp_80, outside_kvp_140: 40 phantoms each with an
+  acquisition the training set never holds (``cacflow.training.ACQUISITION_CHANGES``):
+  non-gated chest CT at 0.86-0.98 mm pixels (430-500 mm field of view; training stops
+  at 0.85 mm), or every scan at 80 or at 140 kVp (training: 100 and 120). Each has a
+  control with the same seed, so the same patients, inside the training ranges
+  (control_nongated: non-gated at 0.60-0.85 mm; control_kvp: kVp as drawn), so the
+  difference is the acquisition's alone. Seeds in ``OUTSIDE_CHECKS``.
 
 All are drawn with the training distribution (``randomised_phantom_settings``) but
 other seeds; ``snakemake evaluate`` is the end-to-end evaluation from DICOM. Prints
@@ -26,6 +33,16 @@ import logging
 
 from cacflow.training import holdout_check, noncoronary_check
 
+# Checks outside the training distribution: (name, acquisition change, seed). Each
+# control images the same patients as its checks (same seed) within the training ranges.
+OUTSIDE_CHECKS = (
+    ("outside_wide_fov", "wide_fov", 98_000_001),
+    ("control_nongated", "nongated", 98_000_001),
+    ("outside_kvp_80", "kvp_80", 8_000_001),
+    ("outside_kvp_140", "kvp_140", 8_000_001),
+    ("control_kvp", None, 8_000_001),
+)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -34,6 +51,9 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=40, help="hold-out phantoms (0: skip)")
     parser.add_argument("--noncoronary", type=int, default=40, help="non-coronary-calcium-only phantoms (0: skip)")
     parser.add_argument("--thin", type=int, default=40, help="phantoms at 1.25 mm slices (0: skip)")
+    parser.add_argument("--outside", type=int, default=40,
+                        help="phantoms per check outside the training distribution (430-500 mm non-gated "
+                             "fields of view, 80 kVp, 140 kVp) and per control (0: skip)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--scans", action="store_true", help="print the per-scan rows too")
     args = parser.parse_args()
@@ -42,7 +62,9 @@ def main() -> None:
         ("validation", args.validation, lambda n: holdout_check(args.model_dir, n, 55_000_001, args.workers)),
         ("holdout", args.holdout, lambda n: holdout_check(args.model_dir, n, 99_000_001, args.workers)),
         ("noncoronary", args.noncoronary, lambda n: noncoronary_check(args.model_dir, n, 31_000_001, args.workers)),
-        ("thin", args.thin, lambda n: holdout_check(args.model_dir, n, 12_500_001, args.workers, slice_thickness_mm=1.25)),
+        ("thin", args.thin, lambda n: holdout_check(args.model_dir, n, 12_500_001, args.workers, change="thin")),
+        *[(name, args.outside, lambda n, change=change, seed=seed: holdout_check(
+            args.model_dir, n, seed, args.workers, change=change)) for name, change, seed in OUTSIDE_CHECKS],
     ]
     for name, n_scans, check in checks:
         if n_scans > 0:

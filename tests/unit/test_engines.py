@@ -57,3 +57,53 @@ def test_tensorrt_without_tensorrt_says_why(random_model):
     with pytest.raises(RuntimeError, match="cannot run here"):
         create_engine("tensorrt", random_model)
     assert why
+
+
+def test_the_config_model_is_the_shipped_one_when_empty_else_that_folder(random_model):
+    assert ModelFiles.chosen("").directory == ModelFiles.packaged().directory
+    assert ModelFiles.chosen(None).directory == ModelFiles.packaged().directory
+    assert ModelFiles.chosen(str(random_model.directory)).sha256 == random_model.sha256
+
+
+@pytest.mark.parametrize("lost", ["model.json", "calciumnet.pt", "calciumnet.onnx"])
+def test_a_model_folder_missing_a_file_is_refused_naming_it(random_model, tmp_path, lost):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(random_model.directory, copy)
+    (copy / lost).unlink()
+    with pytest.raises(ValueError, match=f"lacks {lost}.*results/model"):
+        ModelFiles.chosen(str(copy))
+
+
+def test_a_model_trained_for_other_inputs_is_refused(random_model, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(random_model.directory, copy)
+    info = json.loads((copy / "model.json").read_text())
+    info["target_spacing_mm"] = 1.0  # an older preprocessing contract
+    (copy / "model.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="trained for inputs.*retrain"):
+        ModelFiles.chosen(str(copy))
+
+
+def test_a_scan_is_within_the_models_training_range_only_when_both_pixel_spacings_are(random_model, tmp_path):
+    import json
+    import shutil
+
+    low, high = random_model.info["training_ranges"]["pixel_spacing_mm"]
+    assert (low, high) == (0.30, 0.85)  # the phantoms' span (cacflow.training)
+    assert random_model.within_training_range((3.0, 0.30, 0.30)) is True
+    assert random_model.within_training_range((5.0, 0.85, 0.85)) is True
+    assert random_model.within_training_range((3.0, 0.97, 0.97)) is False  # a 500 mm chest field of view
+    assert random_model.within_training_range((3.0, 0.25, 0.25)) is False
+    assert random_model.within_training_range((3.0, 0.5, 0.9)) is False  # one axis outside is enough
+    copy = tmp_path / "model"
+    shutil.copytree(random_model.directory, copy)
+    info = json.loads((copy / "model.json").read_text())
+    del info["training_ranges"]  # a model exported before ranges were recorded
+    (copy / "model.json").write_text(json.dumps(info))
+    assert ModelFiles(copy).within_training_range((3.0, 0.97, 0.97)) is None
+    assert ModelFiles.packaged().info["training_ranges"] == random_model.info["training_ranges"]

@@ -17,12 +17,13 @@ REPO = Path(__file__).resolve().parents[2]
 def test_model_checks_script_on_one_scan_each():
     completed = subprocess.run(
         [sys.executable, str(REPO / "tests" / "benchmarks" / "model_checks.py"), str(REPO / "src" / "cacflow" / "model" / "weights"),
-         "--validation", "0", "--holdout", "1", "--noncoronary", "2", "--thin", "1", "--workers", "1", "--scans"],
+         "--validation", "0", "--holdout", "1", "--noncoronary", "2", "--thin", "1", "--outside", "1", "--workers", "1", "--scans"],
         capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     results = {r["check"]: r for r in map(json.loads, completed.stdout.splitlines())}
-    assert set(results) == {"holdout", "noncoronary", "thin"}  # --validation 0 skips it
+    outside = ("outside_wide_fov", "control_nongated", "outside_kvp_80", "outside_kvp_140", "control_kvp")
+    assert set(results) == {"holdout", "noncoronary", "thin", *outside}  # --validation 0 skips it
     holdout = results["holdout"]
     assert holdout["seed"] == 99_000_001 and len(holdout["scans"]) == 1
     scan = holdout["scans"][0]
@@ -30,6 +31,11 @@ def test_model_checks_script_on_one_scan_each():
     assert scan["slice_thickness_mm"] in (2.5, 3.0, 5.0)  # the training distribution's
     thin = results["thin"]
     assert thin["seed"] == 12_500_001 and [row["slice_thickness_mm"] for row in thin["scans"]] == [1.25]
+    wide, control = results["outside_wide_fov"]["scans"][0], results["control_nongated"]["scans"][0]
+    assert not wide["gated"] and 0.86 <= wide["pixel_spacing_mm"] <= 0.98  # wider than any training scan
+    assert not control["gated"] and 0.60 <= control["pixel_spacing_mm"] <= 0.85  # within the training range
+    assert [results[f"outside_kvp_{kvp}"]["scans"][0]["kvp"] for kvp in (80, 140)] == [80, 140]
+    assert results["control_kvp"]["scans"][0]["kvp"] in (100, 120)
     noncoronary = results["noncoronary"]
     assert noncoronary["seed"] == 31_000_001 and len(noncoronary["scans"]) == 2
     for row in noncoronary["scans"]:
@@ -39,7 +45,7 @@ def test_model_checks_script_on_one_scan_each():
     zero = [row["predicted"] == 0 for row in noncoronary["scans"]]
     assert noncoronary["share_scored_zero"] == sum(zero) / 2
     # the review-flag counts are those of the rows, and each range brackets the score
-    for result in (holdout, noncoronary, thin):
+    for result in (holdout, noncoronary, thin, *(results[name] for name in outside)):
         assert result["scans_flagged_uncertain"] == sum(row["category_uncertain"] for row in result["scans"])
         for row in result["scans"]:
             assert row["range_low"] - 1e-9 <= row["predicted"] <= row["range_high"] + 1e-9

@@ -24,6 +24,8 @@ import pytest
 
 from bad_input_corpus import FAILED, NOT_SCORABLE, SCORED, VISIT, build_corpus, kinds
 
+from cacflow.pipeline import OUTSIDE_MODEL_RANGE_NOTE
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -184,8 +186,8 @@ def test_status_and_reason(run, participant_id):
     scan = run.scan(participant_id)
     assert scan["visit"] == VISIT
     assert scan["status"] == kind.status, scan["status_reason"]
-    if kind.reason is None:
-        assert scan["status_reason"] is None
+    if kind.reason is None:  # nothing to say, unless the scan's pixels are outside the model's range
+        assert scan["status_reason"] == (OUTSIDE_MODEL_RANGE_NOTE if scan["outside_model_range"] else None)
     else:
         for text in kind.reason:
             assert text in (scan["status_reason"] or ""), scan["status_reason"]
@@ -228,6 +230,21 @@ def test_the_run_log_says_so(run, participant_id):
     kind = expectation(run, participant_id)
     lines = [line for line in run.logs().splitlines() if participant_id in line]
     assert any(all(text in line for text in kind.log_text) for line in lines), lines
+
+
+def test_scans_with_pixels_outside_the_models_training_range_are_marked(run):
+    """The corpus's scans are 128 x 128 at 1.5 mm (small, for speed): coarser than the
+    0.30-0.85 mm the shipped model was trained on. (Scans inside the range: test_workflow.)"""
+    from cacflow.model.engines import ModelFiles
+
+    low, high = ModelFiles.packaged().info["training_ranges"]["pixel_spacing_mm"]
+    rows = run.sql("select s.participant_id, s.outside_model_range, s.status_reason, r.pixel_spacing_mm "
+                   "from {scans} s join {series} r using (participant_id, visit) where s.status = 'scored' and r.chosen")
+    assert len(rows) >= 10
+    for participant_id, outside, reason, spacing_mm in rows:
+        expected = not low <= spacing_mm <= high
+        assert outside is expected, (participant_id, spacing_mm)
+        assert (OUTSIDE_MODEL_RANGE_NOTE in (reason or "")) is expected, (participant_id, reason)
 
 
 def test_non_gated_and_low_kvp_are_flagged_in_the_scan_row(run):

@@ -66,3 +66,24 @@ def test_the_real_phantom_scan_runs_end_to_end(phantom_dir):
     assert result["status"] in ("scored", "not_scorable")
     assert result["manufacturer"] and "TOSHIBA" in result["manufacturer"].upper() or result["status"] != "scored"
     assert result["kvp"] == 120 or result["status"] != "scored"
+
+
+def test_model_names_the_model_that_scores_and_a_wrong_folder_says_what_to_fix(tiny_cohort, tmp_path):
+    import hashlib
+
+    from cacflow.model.engines import ModelFiles
+    from cacflow.training import TrainingConfig, export
+
+    folders, reference = tiny_cohort
+    pid = next(p for p, row in reference.items() if row["expected_status"] == "scored")
+    model_dir = tmp_path / "model"
+    member = ModelFiles.packaged().build_network().members[0].eval()  # a real model other than the shipped one
+    export(member, TrainingConfig(work_dir=str(tmp_path), model_dir=str(model_dir), model_version="member-1"), [])
+    result = score_scan(folders[pid], "--model", str(model_dir))
+    assert result["status"] == "scored"
+    assert result["model_version"] == "member-1"
+    assert result["model_sha256"] == hashlib.sha256((model_dir / "calciumnet.pt").read_bytes()).hexdigest()
+
+    wrong = subprocess.run([sys.executable, "-m", "cacflow", "score-scan", folders[pid], "--model", str(tmp_path)],
+                           capture_output=True, text=True)
+    assert wrong.returncode != 0 and "lacks model.json" in wrong.stderr and "Traceback" not in wrong.stderr

@@ -99,6 +99,17 @@ def test_scored_rows_agree_with_the_generated_ground_truth(tiny_run):
     assert agreement >= 0.9, rows
 
 
+def test_scans_inside_the_models_pixel_spacing_range_are_not_marked(tiny_run):
+    """The tiny cohort's scored scans have 0.78 mm pixels, inside the shipped model's
+    0.30-0.85 mm (scans outside it: test_bad_input); not-scored rows have no verdict."""
+    workdir, _, _, _ = tiny_run
+    rows = sql(f"select status, outside_model_range, status_reason from read_parquet('{workdir}/results/cohort/scans.parquet')")
+    scored = [(outside, reason) for status, outside, reason in rows if status == "scored"]
+    assert scored and all(outside is False for outside, _ in scored)
+    assert not any("outside_model_range" in (reason or "") for _, reason in scored)
+    assert all(outside is None for status, outside, _ in rows if status != "scored")
+
+
 def test_lesions_and_scans_are_consistent(tiny_run):
     workdir, _, _, _ = tiny_run
     cohort = workdir / "results/cohort"

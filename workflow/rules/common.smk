@@ -1,4 +1,5 @@
 # Shared helpers for the rules: paths, settings passed to stages, shard lookup.
+import hashlib
 import json
 import shlex
 
@@ -24,6 +25,21 @@ def stage_settings(*sections):
     """Config sections a stage depends on, as one JSON string. Passed as a param,
     so changing a setting reruns exactly the stages that use it."""
     return json.dumps({section: config[section] for section in sections}, sort_keys=True)
+
+
+def model_weights_sha256():
+    """Hash of the weights inference uses (the config's `model`, else the shipped one).
+    A param of the inference rules: other weights, even in the same folder, rerun them."""
+    folder = config["model"] or os.path.join(workflow.basedir, "src", "cacflow", "model", "weights")
+    missing = [name for name in ("model.json", "calciumnet.pt", "calciumnet.onnx")
+               if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise ValueError(
+            f"config model: {folder} lacks {', '.join(missing)}; point it at the output folder of "
+            "`snakemake train` (results/model), or leave it empty for the shipped model"
+        )
+    with open(os.path.join(folder, "calciumnet.pt"), "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
 
 
 def shard_ids():

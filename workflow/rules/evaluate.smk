@@ -49,7 +49,8 @@ rule evaluation_scores:
         scans=f"{EVALUATION_DIR}/scans.parquet",
     params:
         engine=config["engine"],
-        settings=stage_settings("qc", "scoring"),
+        settings=stage_settings("qc", "scoring", "model"),
+        model_sha256=model_weights_sha256(),
     threads: config["resources"]["infer_threads"]
     resources:
         mem_mb=config["resources"]["mem_mb"],

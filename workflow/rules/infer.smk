@@ -9,7 +9,8 @@ rule infer:
     params:
         labels_dir=lambda wildcards, output: os.path.join(os.path.dirname(output.visits), "labels"),
         engine=config["engine"],
-        settings=stage_settings("scoring"),
+        settings=stage_settings("scoring", "model"),
+        model_sha256=model_weights_sha256(),
     threads: config["resources"]["infer_threads"]
     resources:
         mem_mb=config["resources"]["mem_mb"],

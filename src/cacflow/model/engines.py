@@ -35,6 +35,32 @@ class ModelFiles:
     def packaged(cls) -> "ModelFiles":
         return cls(Path(str(resources.files("cacflow.model") / "weights")))
 
+    @classmethod
+    def chosen(cls, directory: str | os.PathLike | None) -> "ModelFiles":
+        """The config's ``model``: the shipped model when empty, else that folder's
+        model, checked before any scan is read."""
+        return cls.packaged() if not directory else cls(Path(directory)).checked()
+
+    def checked(self) -> "ModelFiles":
+        """Raise ValueError, saying what to fix, unless this folder holds a model this
+        version of cacflow can run (its files, and the input contract it was trained on)."""
+        from cacflow.model.network import N_CLASSES
+        from cacflow.model.preprocessing import N_INPUT_CHANNELS, TARGET_SPACING_MM
+
+        missing = [p.name for p in (self.directory / "model.json", self.torch_path, self.onnx_path) if not p.is_file()]
+        if missing:
+            raise ValueError(f"model folder {self.directory} lacks {', '.join(missing)}; point the config's `model` "
+                             "at the output folder of `snakemake train` (results/model), or leave it empty for the "
+                             "shipped model")
+        info = self.info
+        expected = {"in_channels": N_INPUT_CHANNELS, "target_spacing_mm": TARGET_SPACING_MM, "classes": N_CLASSES}
+        found = {"in_channels": info.get("in_channels"), "target_spacing_mm": info.get("target_spacing_mm"),
+                 "classes": len(info.get("classes", []))}
+        if found != expected:
+            raise ValueError(f"the model in {self.directory} was trained for inputs {found}, but this cacflow "
+                             f"prepares {expected}; retrain it with this version (`snakemake train`)")
+        return self
+
     @property
     def torch_path(self) -> Path:
         return self.directory / "calciumnet.pt"
@@ -55,6 +81,16 @@ class ModelFiles:
     def ensemble_size(self) -> int:
         """CalciumNets whose probabilities the model averages (1: a single network)."""
         return int(self.info.get("ensemble_size", 1))
+
+    def within_training_range(self, spacing_mm) -> bool | None:
+        """Whether a scan's in-plane pixel spacing (``spacing_mm[1:]``) lies inside the
+        span the model was trained on (``training_ranges`` in model.json; None when the
+        model records none). Outside it the model is extrapolating (model card)."""
+        span = self.info.get("training_ranges", {}).get("pixel_spacing_mm")
+        if not span:
+            return None
+        low, high = span
+        return all(low - 1e-6 <= float(s) <= high + 1e-6 for s in spacing_mm[1:])
 
     @cached_property
     def sha256(self) -> str:
