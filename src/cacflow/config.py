@@ -31,3 +31,14 @@ def load_config(user_file: str | Path | None = None) -> dict:
         where = "/".join(str(part) for part in error.absolute_path) or "(top level)"
         raise SystemExit(f"invalid configuration at {where}: {error.message}") from None
     return config
+
+
+def check_model(config: dict, command: str) -> None:
+    """Stop with the reason, before any scan is read, unless the config's ``model`` (a
+    folder relative to the current directory; empty: the shipped model) can run."""
+    from cacflow.model.engines import ModelFiles
+
+    try:
+        ModelFiles.chosen(config.get("model"))
+    except ValueError as error:  # a wrong folder is a usage error, not a crash
+        raise SystemExit(f"cacflow {command}: {error}") from None

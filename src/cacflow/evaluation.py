@@ -1038,7 +1038,10 @@ def score_manifest(manifest: str | os.PathLike, out_parquet: str | os.PathLike, 
     from cacflow.config import load_config
     from cacflow.manifest import read_manifest
 
+    from cacflow.model.engines import ModelFiles
+
     config = config or load_config()
+    ModelFiles.chosen(config.get("model"))  # a model that cannot run stops here, not once per visit
     entries, warnings = read_manifest(manifest)
     for warning in warnings:
         log.warning("manifest: %s", warning)

@@ -489,7 +489,7 @@ def score_visit(visit: dict, volume, labels: np.ndarray, settings: dict) -> tupl
 
 
 OUTSIDE_MODEL_RANGE_NOTE = ("pixel spacing outside the range the model was trained on (outside_model_range); "
-                            "expect lower agreement, review the overlay")
+                            "expect lower agreement with a reader")
 
 
 def _scored_reason(visit: dict, category_uncertain: bool = False) -> str | None:

@@ -510,6 +510,12 @@ ACQUISITION_CHANGES = {
     # Its control: the same patients as non-gated chest CT within the training range.
     "nongated": lambda settings, rng: replace(settings, gated=False, fov_centre="body",
                                               pixel_spacing_mm=float(rng.uniform(0.60, 0.85))),
+    # Gated scans at 0.50-0.60 mm, between the gated and the non-gated training spans
+    # (512 pixels across 256-307 mm), and their control within the gated span.
+    "gated_gap": lambda settings, rng: replace(settings, gated=True, fov_centre="heart",
+                                               pixel_spacing_mm=float(rng.uniform(0.50, 0.60))),
+    "gated": lambda settings, rng: replace(settings, gated=True, fov_centre="heart",
+                                           pixel_spacing_mm=float(rng.uniform(*GATED_PIXEL_SPACING_MM))),
     # Tube voltages other than 100 and 120 kVp: calcium is brighter at 80, dimmer at 140.
     "kvp_80": lambda settings, rng: replace(settings, kvp=80),
     "kvp_140": lambda settings, rng: replace(settings, kvp=140),
@@ -525,6 +531,8 @@ def holdout_check(model_dir: str, n_scans: int = 40, seed: int = 99_000_001, wor
     set does not hold."""
     from cacflow.synth.phantom import generate_phantom
 
+    if change is not None and change not in ACQUISITION_CHANGES:
+        raise ValueError(f"unknown acquisition change {change!r}; choose one of {', '.join(ACQUISITION_CHANGES)}")
     score = _phantom_scorer(model_dir, workers)
     rng = np.random.default_rng(seed)
     change_rng = np.random.default_rng([seed, 1])

@@ -18,6 +18,10 @@
   control with the same seed, so the same patients, inside the training ranges
   (control_nongated: non-gated at 0.60-0.85 mm; control_kvp: kVp as drawn), so the
   difference is the acquisition's alone. Seeds in ``OUTSIDE_CHECKS``.
+* gap_gated_0.5_0.6: gated scans at 0.50-0.60 mm pixels, between the gated
+  (0.30-0.50 mm) and non-gated (0.60-0.85 mm) training spans, which
+  ``outside_model_range`` counts as inside; control_gated: the same patients at
+  0.30-0.50 mm.
 
 All are drawn with the training distribution (``randomised_phantom_settings``) but
 other seeds; ``snakemake evaluate`` is the end-to-end evaluation from DICOM. Prints
@@ -41,6 +45,8 @@ OUTSIDE_CHECKS = (
     ("outside_kvp_80", "kvp_80", 8_000_001),
     ("outside_kvp_140", "kvp_140", 8_000_001),
     ("control_kvp", None, 8_000_001),
+    ("gap_gated_0.5_0.6", "gated_gap", 56_000_001),
+    ("control_gated", "gated", 56_000_001),
 )
 
 

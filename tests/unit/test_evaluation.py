@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -579,3 +581,19 @@ def test_score_manifest_writes_a_scans_table_and_survives_a_failing_visit(tmp_pa
     rows = {row["participant_id"]: row for row in table.to_pylist()}
     assert rows["P1"]["status"] == "not_scorable" and "empty" in rows["P1"]["status_reason"]
     assert rows["P2"]["status"] == "failed" and "engine crashed" in rows["P2"]["status_reason"]
+
+
+def test_score_manifest_refuses_a_model_that_cannot_run_before_scoring_any_visit(tmp_path):
+    from cacflow.config import load_config
+
+    (tmp_path / "empty").mkdir()
+    manifest = tmp_path / "manifest.tsv"
+    manifest.write_text(f"participant_id\tvisit\tdicom_dir\nP1\tbaseline\t{tmp_path / 'empty'}\n")
+    config = {**load_config(), "model": str(tmp_path / "empty")}  # a folder with no model in it
+    with pytest.raises(ValueError, match="lacks model.json"):  # not a 'failed' row per visit
+        evaluation.score_manifest(manifest, tmp_path / "scans.parquet", engine="onnxruntime", config=config)
+    assert not (tmp_path / "scans.parquet").exists()
+    code = subprocess.run([sys.executable, "-m", "cacflow", "evaluate", "--score-manifest", str(manifest),
+                           "--predicted", str(tmp_path / "scans.parquet"), "--model", str(tmp_path / "empty")],
+                          capture_output=True, text=True)
+    assert code.returncode != 0 and "cacflow evaluate:" in code.stderr and "Traceback" not in code.stderr

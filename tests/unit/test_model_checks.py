@@ -22,7 +22,8 @@ def test_model_checks_script_on_one_scan_each():
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     results = {r["check"]: r for r in map(json.loads, completed.stdout.splitlines())}
-    outside = ("outside_wide_fov", "control_nongated", "outside_kvp_80", "outside_kvp_140", "control_kvp")
+    outside = ("outside_wide_fov", "control_nongated", "outside_kvp_80", "outside_kvp_140", "control_kvp",
+               "gap_gated_0.5_0.6", "control_gated")
     assert set(results) == {"holdout", "noncoronary", "thin", *outside}  # --validation 0 skips it
     holdout = results["holdout"]
     assert holdout["seed"] == 99_000_001 and len(holdout["scans"]) == 1
@@ -36,6 +37,9 @@ def test_model_checks_script_on_one_scan_each():
     assert not control["gated"] and 0.60 <= control["pixel_spacing_mm"] <= 0.85  # within the training range
     assert [results[f"outside_kvp_{kvp}"]["scans"][0]["kvp"] for kvp in (80, 140)] == [80, 140]
     assert results["control_kvp"]["scans"][0]["kvp"] in (100, 120)
+    gap, gated = results["gap_gated_0.5_0.6"]["scans"][0], results["control_gated"]["scans"][0]
+    assert gap["gated"] and gated["gated"] and 0.50 <= gap["pixel_spacing_mm"] <= 0.60
+    assert 0.30 <= gated["pixel_spacing_mm"] <= 0.50
     noncoronary = results["noncoronary"]
     assert noncoronary["seed"] == 31_000_001 and len(noncoronary["scans"]) == 2
     for row in noncoronary["scans"]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cacflow.pipeline import read_rows, score_visit, write_rows
+from cacflow.pipeline import OUTSIDE_MODEL_RANGE_NOTE, read_rows, scan_row, score_visit, write_rows
 from cacflow.volume import Volume
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,3 +54,21 @@ def test_the_flag_follows_the_risk_categories_of_the_range(settings, low, high, 
     assert scan["agatston_total"] == pytest.approx(8.0)
     assert scan["risk_category_uncertain"] is uncertain
     assert ("review the overlay" in (scan["status_reason"] or "")) == bool(uncertain)
+
+
+@pytest.mark.parametrize("outside", [True, False, None])  # None: the model records no training range
+def test_a_scan_outside_the_models_range_says_so_in_its_reason(settings, outside):
+    volume, labels = scan_with_one_lesion()
+    visit = {"participant_id": "P1", "visit": "v1", "kvp": 120.0, "slice_thickness_mm": 3.0, "scan_type": "gated",
+             "agatston_range_low": 8.0, "agatston_range_high": 8.0, "outside_model_range": outside}
+    scan, _ = score_visit(visit, volume, labels, settings)
+    row = scan_row(visit, scan, "digest")
+    assert row["outside_model_range"] is outside
+    assert row["status_reason"] == (OUTSIDE_MODEL_RANGE_NOTE if outside else None)
+
+
+def test_a_visit_inferred_but_not_scored_has_no_range_verdict():
+    visit = {"participant_id": "P1", "visit": "v1", "status": "failed", "status_reason": "scoring raised ...",
+             "agatston_range_low": 8.0, "agatston_range_high": 8.0, "outside_model_range": True}
+    row = scan_row(visit, None, "digest")
+    assert row["outside_model_range"] is None and row["agatston_range_low"] is None

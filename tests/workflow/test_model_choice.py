@@ -68,10 +68,12 @@ def test_another_model_folder_reruns_inference_for_every_shard_and_is_recorded(c
     workdir, manifest = cohort
     model_dir = workdir / "my-model"
     sha_first = export_member(0, model_dir, "0.3.0-member1")
-    log = snakemake(workdir, f"manifest={manifest}", "shard_size=1", f"model={model_dir}")
+    # A relative folder is relative to the working directory (--directory), as results/model is.
+    log = snakemake(workdir, f"manifest={manifest}", "shard_size=1", "model=my-model")
     assert {shard for rule, shard in shard_jobs(log) if rule == "infer"} == shards(workdir)
     assert scored_models(workdir) == {("0.3.0-member1", sha_first)}
-    assert "Nothing to be done" in snakemake(workdir, f"manifest={manifest}", "shard_size=1", f"model={model_dir}",
+    # The same folder spelt another way is the same setting.
+    assert "Nothing to be done" in snakemake(workdir, f"manifest={manifest}", "shard_size=1", "model=./my-model/",
                                              dry_run=True)
 
     # Retrained weights written into the same folder: same config, new results.
@@ -86,7 +88,18 @@ def test_a_folder_without_a_model_stops_the_run_naming_the_setting(cohort, tmp_p
     workdir, manifest = cohort
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir),
-         "--cores", "1", "-n", "--config", f"manifest={manifest}", f"model={tmp_path}"],
+         "--cores", "1", "-n", "--config", f"manifest={manifest}", "shard_size=1", f"model={tmp_path}"],
         capture_output=True, text=True, env=ENV)
     assert result.returncode != 0
     assert "config model" in result.stdout + result.stderr and str(tmp_path) in result.stdout + result.stderr
+
+
+def test_training_the_model_folder_is_not_blocked_by_its_absence(cohort):
+    """`model: results/model` is set before `snakemake train` writes that folder."""
+    workdir, manifest = cohort
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir),
+         "--cores", "1", "-n", "train", "--config", f"manifest={manifest}", "model=results/model"],
+        capture_output=True, text=True, env=ENV)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "train" in result.stdout

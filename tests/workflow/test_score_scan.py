@@ -84,6 +84,12 @@ def test_model_names_the_model_that_scores_and_a_wrong_folder_says_what_to_fix(t
     assert result["model_version"] == "member-1"
     assert result["model_sha256"] == hashlib.sha256((model_dir / "calciumnet.pt").read_bytes()).hexdigest()
 
-    wrong = subprocess.run([sys.executable, "-m", "cacflow", "score-scan", folders[pid], "--model", str(tmp_path)],
-                           capture_output=True, text=True)
-    assert wrong.returncode != 0 and "lacks model.json" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert score_scan(folders[pid], "--model", "")["model_sha256"] == ModelFiles.packaged().sha256  # "": shipped
+
+    # A wrong folder, given on the command line or in a config file, stops before any scan is read.
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model: {tmp_path}\n")
+    for how in (["--model", str(tmp_path)], ["--configfile", str(config)]):
+        wrong = subprocess.run([sys.executable, "-m", "cacflow", "score-scan", folders[pid], *how],
+                               capture_output=True, text=True)
+        assert wrong.returncode != 0 and "lacks model.json" in wrong.stderr and "Traceback" not in wrong.stderr

@@ -27,19 +27,32 @@ def stage_settings(*sections):
     return json.dumps({section: config[section] for section in sections}, sort_keys=True)
 
 
-def model_weights_sha256():
-    """Hash of the weights inference uses (the config's `model`, else the shipped one).
-    A param of the inference rules: other weights, even in the same folder, rerun them."""
-    folder = config["model"] or os.path.join(workflow.basedir, "src", "cacflow", "model", "weights")
-    missing = [name for name in ("model.json", "calciumnet.pt", "calciumnet.onnx")
-               if not os.path.isfile(os.path.join(folder, name))]
+MODEL_FILES = ("model.json", "calciumnet.pt", "calciumnet.onnx")
+
+
+def model_setting():
+    """The config's `model` as the inference rules pass it: "" (the shipped model) or the
+    folder, normalised so that `./results/model` and `results/model` are one setting.
+    Relative folders are relative to the working directory (`--directory`)."""
+    return os.path.normpath(config["model"]) if config["model"] else ""
+
+
+def model_fingerprint(wildcards):
+    """SHA-256 over the model's files. A param of the inference rules, so other weights,
+    ONNX graph or model.json, even in the same folder, rerun inference. An input
+    function: only a run that infers needs the folder (`snakemake train` makes it)."""
+    folder = model_setting() or os.path.join(workflow.basedir, "src", "cacflow", "model", "weights")
+    missing = [name for name in MODEL_FILES if not os.path.isfile(os.path.join(folder, name))]
     if missing:
         raise ValueError(
             f"config model: {folder} lacks {', '.join(missing)}; point it at the output folder of "
             "`snakemake train` (results/model), or leave it empty for the shipped model"
         )
-    with open(os.path.join(folder, "calciumnet.pt"), "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
+    digest = hashlib.sha256()
+    for name in MODEL_FILES:
+        with open(os.path.join(folder, name), "rb") as handle:
+            digest.update(handle.read())
+    return digest.hexdigest()
 
 
 def shard_ids():

@@ -1,7 +1,8 @@
 # Held-out evaluation: `snakemake evaluate --cores all`.
 # Generates a cohort with a seed used nowhere else (not the demo's, not training's),
-# scores every visit with the shipped model, and compares the scores with the
-# cohort's ground truth in the form of Eng et al. 2021 (docs/evaluation.md).
+# scores every visit with the config's `model` (normally the shipped one), and compares
+# the scores with the cohort's ground truth in the form of Eng et al. 2021
+# (docs/evaluation.md).
 # Settings: the optional `evaluation:` config section; these are the defaults.
 
 EVALUATION = {
@@ -49,8 +50,9 @@ rule evaluation_scores:
         scans=f"{EVALUATION_DIR}/scans.parquet",
     params:
         engine=config["engine"],
-        settings=stage_settings("qc", "scoring", "model"),
-        model_sha256=model_weights_sha256(),
+        settings=stage_settings("qc", "scoring"),
+        model=model_setting(),
+        model_fingerprint=model_fingerprint,
     threads: config["resources"]["infer_threads"]
     resources:
         mem_mb=config["resources"]["mem_mb"],
@@ -62,7 +64,8 @@ rule evaluation_scores:
         "results/logs/evaluation_scores.log",
     shell:
         "CACFLOW_THREADS={threads} cacflow evaluate --score-manifest {input.manifest} "
-        "--predicted {output.scans} --engine {params.engine} --settings {params.settings:q} > {log} 2>&1"
+        "--predicted {output.scans} --engine {params.engine} --model={params.model:q} "
+        "--settings {params.settings:q} > {log} 2>&1"
 
 
 rule evaluate:

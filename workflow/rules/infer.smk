@@ -9,8 +9,9 @@ rule infer:
     params:
         labels_dir=lambda wildcards, output: os.path.join(os.path.dirname(output.visits), "labels"),
         engine=config["engine"],
-        settings=stage_settings("scoring", "model"),
-        model_sha256=model_weights_sha256(),
+        settings=stage_settings("scoring"),
+        model=model_setting(),
+        model_fingerprint=model_fingerprint,
     threads: config["resources"]["infer_threads"]
     resources:
         mem_mb=config["resources"]["mem_mb"],
@@ -22,5 +23,5 @@ rule infer:
         "results/logs/infer/{shard}.log",
     shell:
         "CACFLOW_THREADS={threads} cacflow stage infer --visits {input.visits} "
-        "--engine {params.engine} --settings {params.settings:q} "
+        "--engine {params.engine} --model={params.model:q} --settings {params.settings:q} "
         "--labels-dir {params.labels_dir} --out-visits {output.visits} 2>&1 | tee {log}"

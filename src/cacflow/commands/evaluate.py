@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="score every visit of this manifest TSV into --predicted before evaluating")
     scoring.add_argument("--engine", default=None, choices=["auto", "onnxruntime", "torch", "tensorrt"],
                          help="inference engine (default: the config's)")
+    scoring.add_argument("--model", default=None,
+                         help="model folder, e.g. results/model after fine-tuning; relative to the current directory "
+                              "(default: the config's model; empty: the shipped one)")
     scoring.add_argument("--configfile", type=Path, default=None, help="a cacflow config.yaml to use")
     scoring.add_argument("--settings", type=json.loads, default=None,
                          help="JSON of config sections (qc, scoring) overriding the config, "
@@ -57,10 +60,13 @@ def run(args: argparse.Namespace) -> int:
     from cacflow import evaluation
 
     if args.score_manifest is not None:
-        from cacflow.config import load_config
+        from cacflow.config import check_model, load_config
 
         config = load_config(args.configfile)
         config.update(args.settings or {})
+        if args.model is not None:
+            config["model"] = args.model
+        check_model(config, "evaluate")
         evaluation.score_manifest(args.score_manifest, args.predicted, engine=args.engine or config["engine"],
                                   config=config)
         print(f"scored {args.score_manifest} -> {args.predicted}", file=sys.stderr)

@@ -19,9 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dicom_dir", type=Path, help="folder with the visit's DICOM files (any layout)")
     parser.add_argument("--engine", default=None, choices=["auto", "onnxruntime", "torch", "tensorrt"],
                         help="inference engine (default: the config's, normally auto)")
-    parser.add_argument("--model", type=Path, default=None,
-                        help="model folder, e.g. results/model after fine-tuning (default: the config's model, "
-                             "normally the shipped one)")
+    parser.add_argument("--model", default=None,
+                        help="model folder, e.g. results/model after fine-tuning; relative to the current directory "
+                             "(default: the config's model; empty: the shipped one)")
     parser.add_argument("--participant-id", default=None, help="recorded in the output (default null)")
     parser.add_argument("--visit", default=None, help="recorded in the output (default null)")
     parser.add_argument("--configfile", type=Path, default=None,
@@ -32,17 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    from cacflow.config import load_config
+    from cacflow.config import check_model, load_config
 
     config = load_config(args.configfile)
     if args.model is not None:
-        from cacflow.model.engines import ModelFiles
-
-        try:
-            ModelFiles.chosen(args.model)
-        except ValueError as error:  # a wrong folder is a usage error, not a crash
-            raise SystemExit(f"cacflow score-scan: {error}") from None
-        config["model"] = str(args.model)
+        config["model"] = args.model
+    check_model(config, NAME)
     result = score_scan(args.dicom_dir, config, engine=args.engine or config["engine"],
                         participant_id=args.participant_id, visit=args.visit, keep_dir=args.keep_dir)
     if not args.lesions:

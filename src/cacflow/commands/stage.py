@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     infer = stages.add_parser("infer", help="label coronary calcium per vessel")
     infer.add_argument("--visits", required=True, type=Path)
     infer.add_argument("--engine", default="auto")
+    infer.add_argument("--model", default="", help="model folder (the config's model; empty: the shipped one)")
     infer.add_argument("--settings", required=True, type=json.loads)
     infer.add_argument("--labels-dir", required=True, type=Path)
     infer.add_argument("--out-visits", required=True, type=Path)
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.stage == "convert":
         pipeline.stage_convert(args.visits, args.nifti_dir, args.settings, args.out_visits)
     elif args.stage == "infer":
-        pipeline.stage_infer(args.visits, args.engine, args.settings, args.labels_dir, args.out_visits)
+        pipeline.stage_infer(args.visits, args.engine, {**args.settings, "model": args.model}, args.labels_dir,
+                             args.out_visits)
     elif args.stage == "score":
         pipeline.stage_score(args.visits, args.settings, args.out_scans, args.out_lesions)
     elif args.stage == "aggregate":

@@ -59,6 +59,10 @@ class ModelFiles:
         if found != expected:
             raise ValueError(f"the model in {self.directory} was trained for inputs {found}, but this cacflow "
                              f"prepares {expected}; retrain it with this version (`snakemake train`)")
+        span = (info.get("training_ranges") or {}).get("pixel_spacing_mm")
+        if span is not None and not (isinstance(span, list) and len(span) == 2 and 0 < span[0] < span[1]):
+            raise ValueError(f"model.json in {self.directory} has training_ranges.pixel_spacing_mm {span!r}; "
+                             "it must be [lowest, highest] in mm, or absent")
         return self
 
     @property
@@ -85,8 +89,10 @@ class ModelFiles:
     def within_training_range(self, spacing_mm) -> bool | None:
         """Whether a scan's in-plane pixel spacing (``spacing_mm[1:]``) lies inside the
         span the model was trained on (``training_ranges`` in model.json; None when the
-        model records none). Outside it the model is extrapolating (model card)."""
-        span = self.info.get("training_ranges", {}).get("pixel_spacing_mm")
+        model records none). Outside it the model is extrapolating (model card). The
+        span is one interval: the shipped model's gated (0.30-0.50 mm) and non-gated
+        (0.60-0.85 mm) phantoms leave a gap at 0.50-0.60 mm that counts as inside."""
+        span = (self.info.get("training_ranges") or {}).get("pixel_spacing_mm")
         if not span:
             return None
         low, high = span
