@@ -91,7 +91,8 @@ class ModelFiles:
         span the model was trained on (``training_ranges`` in model.json; None when the
         model records none). Outside it the model is extrapolating (model card). The
         span is one interval: the shipped model's gated (0.30-0.50 mm) and non-gated
-        (0.60-0.85 mm) phantoms leave a gap at 0.50-0.60 mm that counts as inside."""
+        (0.60-0.85 mm) phantoms leave a gap at 0.50-0.60 mm that counts as inside (on
+        generated gated scans there it agreed 97.5 % vs 100 %: model card)."""
         span = (self.info.get("training_ranges") or {}).get("pixel_spacing_mm")
         if not span:
             return None
