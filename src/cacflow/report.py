@@ -348,11 +348,19 @@ def _vessel_table(scored: pd.DataFrame, lesions: pd.DataFrame) -> str:
     return _table("vessel-counts", headers, rows)
 
 
+MODEL_RANGE_INSIDE = "inside the model's training range"
+MODEL_RANGE_OUTSIDE = "outside it (outside_model_range)"
+
+
 def _acquisition_section(scans: pd.DataFrame) -> Section:
     scan_type = _counts(_column(scans, "scan_type"), ())
     manufacturer = _column(scans, "manufacturer").fillna(_MISSING)
     scanner = _counts(manufacturer + " / " + _column(scans, "scanner_model").fillna(_MISSING), ())
     kvp = _counts(_column(scans, "kvp").map(_fmt, na_action="ignore"), ())
+    # Scored scans only: the verdict is made at inference.
+    outside = _column(scans[scans["status"] == "scored"], "outside_model_range")
+    model_range = _counts(outside.map({True: MODEL_RANGE_OUTSIDE, False: MODEL_RANGE_INSIDE}, na_action="ignore"),
+                          (MODEL_RANGE_INSIDE, MODEL_RANGE_OUTSIDE))
     content = (
         '<div class="charts">'
         + _bar_svg(scan_type, "scans per scan type")
@@ -361,6 +369,9 @@ def _acquisition_section(scans: pd.DataFrame) -> Section:
         + _table("scan-type-counts", ["scan type", "scans"], scan_type)
         + _table("scanner-counts", ["manufacturer / model", "scans"], scanner)
         + _table("kvp-counts", ["kVp", "scans"], kvp)
+        + "<p>Scored scans against the pixel spacing the model was trained on "
+        "(<code>outside_model_range</code>; its agreement is lower outside: model card).</p>"
+        + _table("model-range-counts", ["pixel spacing", "scored scans"], model_range)
     )
     return "acquisition", "Scanners and protocols", content
 

@@ -73,9 +73,11 @@ def scans_frame() -> pd.DataFrame:
             "kvp": kvp, "qc_status": qc, "qc_reasons": "kvp_not_120" if qc == "warn" else None,
             "manufacturer": "SIEMENS", "scanner_model": "SOMATOM Force",
             "agatston_range_low": a, "agatston_range_high": a, "risk_category_uncertain": False,
+            "outside_model_range": st == "nongated",
         }
         for p, v, a, r, d, ra, rr, st, kvp, qc in scored
     ]
+    rows[4]["outside_model_range"] = None  # scored by a model that records no training range
     # P02's category hangs on an unsure 7.5-Agatston candidate the model left out.
     rows[1].update(agatston_range_high=12.5, risk_category_uncertain=True)
     contrast = "Only contrast-enhanced series were found; calcium scoring needs a non-contrast scan."
@@ -199,6 +201,8 @@ def test_score_and_acquisition_counts(rendered):
     assert scan_type == {"gated": 4, "nongated": 1, "(missing)": 3}
     kvp = {row[0]: int(row[1]) for row in body_rows(reader, "kvp-counts")}
     assert kvp == {"120": 5, "100": 1, "(missing)": 2}
+    model_range = {row[0]: int(row[1]) for row in body_rows(reader, "model-range-counts")}
+    assert model_range == {report.MODEL_RANGE_INSIDE: 3, report.MODEL_RANGE_OUTSIDE: 1, "(missing)": 1}
     scanners = {row[0]: int(row[1]) for row in body_rows(reader, "scanner-counts")}
     assert scanners["SIEMENS / SOMATOM Force"] == 5
     assert scanners["GE MEDICAL SYSTEMS / Revolution"] == 1
