@@ -349,7 +349,8 @@ def _vessel_table(scored: pd.DataFrame, lesions: pd.DataFrame) -> str:
 
 
 MODEL_RANGE_INSIDE = "inside the model's training range"
-MODEL_RANGE_OUTSIDE = "outside it (outside_model_range)"
+MODEL_RANGE_OUTSIDE = "outside the model's training range"
+MODEL_RANGE_UNKNOWN = "not assessed (the model records no training range)"
 
 
 def _acquisition_section(scans: pd.DataFrame) -> Section:
@@ -359,7 +360,8 @@ def _acquisition_section(scans: pd.DataFrame) -> Section:
     kvp = _counts(_column(scans, "kvp").map(_fmt, na_action="ignore"), ())
     # Scored scans only: the verdict is made at inference.
     outside = _column(scans[scans["status"] == "scored"], "outside_model_range")
-    model_range = _counts(outside.map({True: MODEL_RANGE_OUTSIDE, False: MODEL_RANGE_INSIDE}, na_action="ignore"),
+    verdict = outside.map({True: MODEL_RANGE_OUTSIDE, False: MODEL_RANGE_INSIDE}, na_action="ignore")
+    model_range = _counts(verdict.astype("object").where(verdict.notna(), MODEL_RANGE_UNKNOWN),
                           (MODEL_RANGE_INSIDE, MODEL_RANGE_OUTSIDE))
     content = (
         '<div class="charts">'

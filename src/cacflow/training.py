@@ -504,7 +504,7 @@ def _range_columns(predicted_range: tuple[float, float]) -> dict:
 ACQUISITION_CHANGES = {
     # Thin reconstructions (1.25 mm, contiguous), common in chest CT archives.
     "thin": lambda settings, rng: replace(settings, slice_thickness_mm=1.25, slice_increment_mm=1.25),
-    # Non-gated chest CT of a large patient: 430-500 mm field of view (training: up to 0.85 mm).
+    # Non-gated chest CT of a large patient: 440-500 mm field of view (training: up to 0.85 mm).
     "wide_fov": lambda settings, rng: replace(settings, gated=False, fov_centre="body",
                                               pixel_spacing_mm=float(rng.uniform(0.86, 0.98))),
     # Its control: the same patients as non-gated chest CT within the training range.

@@ -13,9 +13,12 @@ Rules (the network runs once per phantom; only the decision differs):
   coronary: fewer missed specks, more false positives);
 * ``lesion_3d``: components that touch across neighbouring slices (26-connected) vote
   together, so one 3-D calcification gets one decision;
-* ``ground_truth``: each component takes the majority class of its voxels in the
-  generator's truth, not the network's: the ceiling for any rule that labels these
-  components (a lesion that noise keeps under 130 HU or under 1 mm² cannot be found).
+* ``ground_truth``: an oracle, not the network: each component takes the majority
+  class of its voxels in the generator's truth (a plain 5-way majority, ties to "not
+  coronary"). It shows what is findable at all (a lesion that noise keeps under
+  130 HU or under 1 mm² is not), but it is not a strict upper bound: a component
+  with a coronary minority goes to "not coronary" here, and the network may call it
+  coronary and be right by the reference.
 
 Scores use the same Agatston code as the pipeline. Prints one JSON object per set
 and rule: risk-category agreement, CAC > 0 sensitivity and specificity, mean absolute
@@ -62,7 +65,8 @@ def labels_by_rule(hu: np.ndarray, probabilities: np.ndarray, grid, truth: np.nd
             labels[z, y, x] = np.where(share >= threshold, vessel, 0)[groups]
             rules[name if name == "lesion_3d" else f"{name}_{threshold:.2f}"] = labels
     components = in_slice[z, y, x]
-    votes = np.bincount(components * N_CLASSES + truth[z, y, x], minlength=(components.max() + 1) * N_CLASSES)
+    votes = np.bincount(components * N_CLASSES + truth[z, y, x],
+                        minlength=(components.max(initial=0) + 1) * N_CLASSES)
     majority = votes.reshape(-1, N_CLASSES).argmax(axis=1).astype(np.uint8)
     rules["ground_truth"] = np.zeros(hu.shape, np.uint8)
     rules["ground_truth"][z, y, x] = majority[components]

@@ -13,7 +13,7 @@
   Seed 12500001.
 * outside_wide_fov, outside_kvp_80, outside_kvp_140: 40 phantoms each with an
   acquisition the training set never holds (``cacflow.training.ACQUISITION_CHANGES``):
-  non-gated chest CT at 0.86-0.98 mm pixels (430-500 mm field of view; training stops
+  non-gated chest CT at 0.86-0.98 mm pixels (440-500 mm field of view; training stops
   at 0.85 mm), or every scan at 80 or at 140 kVp (training: 100 and 120). Each has a
   control with the same seed, so the same patients, inside the training ranges
   (control_nongated: non-gated at 0.60-0.85 mm; control_kvp: kVp as drawn), so the
@@ -24,7 +24,7 @@
   0.30-0.50 mm.
 
 All are drawn with the training distribution (``randomised_phantom_settings``) but
-other seeds; ``snakemake evaluate`` is the end-to-end evaluation from DICOM. Prints
+other seeds, the last two groups with their acquisition changed as described; ``snakemake evaluate`` is the end-to-end evaluation from DICOM. Prints
 one JSON object per check (the per-scan rows with --scans). About 5 s per scan on
 2 cores.
 """
@@ -58,8 +58,8 @@ def main() -> None:
     parser.add_argument("--noncoronary", type=int, default=40, help="non-coronary-calcium-only phantoms (0: skip)")
     parser.add_argument("--thin", type=int, default=40, help="phantoms at 1.25 mm slices (0: skip)")
     parser.add_argument("--outside", type=int, default=40,
-                        help="phantoms per check outside the training distribution (430-500 mm non-gated "
-                             "fields of view, 80 kVp, 140 kVp) and per control (0: skip)")
+                        help="phantoms per acquisition check (440-500 mm non-gated fields of view, 80 kVp, "
+                             "140 kVp, gated 0.50-0.60 mm pixels) and per control (0: skip)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--scans", action="store_true", help="print the per-scan rows too")
     args = parser.parse_args()

@@ -202,7 +202,7 @@ def test_score_and_acquisition_counts(rendered):
     kvp = {row[0]: int(row[1]) for row in body_rows(reader, "kvp-counts")}
     assert kvp == {"120": 5, "100": 1, "(missing)": 2}
     model_range = {row[0]: int(row[1]) for row in body_rows(reader, "model-range-counts")}
-    assert model_range == {report.MODEL_RANGE_INSIDE: 3, report.MODEL_RANGE_OUTSIDE: 1, "(missing)": 1}
+    assert model_range == {report.MODEL_RANGE_INSIDE: 3, report.MODEL_RANGE_OUTSIDE: 1, report.MODEL_RANGE_UNKNOWN: 1}
     scanners = {row[0]: int(row[1]) for row in body_rows(reader, "scanner-counts")}
     assert scanners["SIEMENS / SOMATOM Force"] == 5
     assert scanners["GE MEDICAL SYSTEMS / Revolution"] == 1
