@@ -501,21 +501,24 @@ def _range_columns(predicted_range: tuple[float, float]) -> dict:
 # Changes to the acquisition of phantoms drawn as for training, for checks beyond the
 # training ranges (``holdout_check(..., change=NAME)``). Drawn from their own random
 # stream, so a check and its control (same seed) image the same patients.
+def _imaged_as(gated: bool, pixel_spacing_mm: tuple[float, float]):
+    """A change to gated (cardiac field of view) or non-gated (chest) CT with pixel
+    spacing drawn from ``pixel_spacing_mm``."""
+    return lambda settings, rng: replace(settings, gated=gated, fov_centre="heart" if gated else "body",
+                                         pixel_spacing_mm=float(rng.uniform(*pixel_spacing_mm)))
+
+
 ACQUISITION_CHANGES = {
     # Thin reconstructions (1.25 mm, contiguous), common in chest CT archives.
     "thin": lambda settings, rng: replace(settings, slice_thickness_mm=1.25, slice_increment_mm=1.25),
     # Non-gated chest CT of a large patient: 440-500 mm field of view (training: up to 0.85 mm).
-    "wide_fov": lambda settings, rng: replace(settings, gated=False, fov_centre="body",
-                                              pixel_spacing_mm=float(rng.uniform(0.86, 0.98))),
+    "wide_fov": _imaged_as(False, (0.86, 0.98)),
     # Its control: the same patients as non-gated chest CT within the training range.
-    "nongated": lambda settings, rng: replace(settings, gated=False, fov_centre="body",
-                                              pixel_spacing_mm=float(rng.uniform(0.60, 0.85))),
+    "nongated": _imaged_as(False, NONGATED_PIXEL_SPACING_MM),
     # Gated scans at 0.50-0.60 mm, between the gated and the non-gated training spans
     # (512 pixels across 256-307 mm), and their control within the gated span.
-    "gated_gap": lambda settings, rng: replace(settings, gated=True, fov_centre="heart",
-                                               pixel_spacing_mm=float(rng.uniform(0.50, 0.60))),
-    "gated": lambda settings, rng: replace(settings, gated=True, fov_centre="heart",
-                                           pixel_spacing_mm=float(rng.uniform(*GATED_PIXEL_SPACING_MM))),
+    "gated_gap": _imaged_as(True, (0.50, 0.60)),
+    "gated": _imaged_as(True, GATED_PIXEL_SPACING_MM),
     # Tube voltages other than 100 and 120 kVp: calcium is brighter at 80, dimmer at 140.
     "kvp_80": lambda settings, rng: replace(settings, kvp=80),
     "kvp_140": lambda settings, rng: replace(settings, kvp=140),

@@ -69,20 +69,18 @@ def test_the_real_phantom_scan_runs_end_to_end(phantom_dir):
 
 
 def test_model_names_the_model_that_scores_and_a_wrong_folder_says_what_to_fix(tiny_cohort, tmp_path):
-    import hashlib
+    from test_model_choice import export_member
 
     from cacflow.model.engines import ModelFiles
-    from cacflow.training import TrainingConfig, export
 
     folders, reference = tiny_cohort
     pid = next(p for p, row in reference.items() if row["expected_status"] == "scored")
     model_dir = tmp_path / "model"
-    member = ModelFiles.packaged().build_network().members[0].eval()  # a real model other than the shipped one
-    export(member, TrainingConfig(work_dir=str(tmp_path), model_dir=str(model_dir), model_version="member-1"), [])
+    sha = export_member(0, model_dir, "member-1")  # a real model other than the shipped one
     result = score_scan(folders[pid], "--model", str(model_dir))
     assert result["status"] == "scored"
     assert result["model_version"] == "member-1"
-    assert result["model_sha256"] == hashlib.sha256((model_dir / "calciumnet.pt").read_bytes()).hexdigest()
+    assert result["model_sha256"] == sha
 
     assert score_scan(folders[pid], "--model", "")["model_sha256"] == ModelFiles.packaged().sha256  # "": shipped
 

@@ -1,4 +1,5 @@
 # Shared helpers for the rules: paths, settings passed to stages, shard lookup.
+import functools
 import hashlib
 import json
 import shlex
@@ -41,6 +42,12 @@ def model_fingerprint(wildcards):
     """SHA-256 over the model's files. A param of the inference rules, so other weights,
     ONNX graph or model.json, even in the same folder, rerun inference. An input
     function: only a run that infers needs the folder (`snakemake train` makes it)."""
+    return _model_fingerprint()
+
+
+@functools.cache
+def _model_fingerprint():
+    """Hashed once per Snakemake run, not once per shard's job (hundreds in a cohort)."""
     folder = model_setting() or os.path.join(workflow.basedir, "src", "cacflow", "model", "weights")
     missing = [name for name in MODEL_FILES if not os.path.isfile(os.path.join(folder, name))]
     if missing:

@@ -59,7 +59,7 @@ class ModelFiles:
         if found != expected:
             raise ValueError(f"the model in {self.directory} was trained for inputs {found}, but this cacflow "
                              f"prepares {expected}; retrain it with this version (`snakemake train`)")
-        span = (info.get("training_ranges") or {}).get("pixel_spacing_mm")
+        span = self.pixel_spacing_span
         if span is not None and not (isinstance(span, list) and len(span) == 2 and 0 < span[0] < span[1]):
             raise ValueError(f"model.json in {self.directory} has training_ranges.pixel_spacing_mm {span!r}; "
                              "it must be [lowest, highest] in mm, or absent")
@@ -86,6 +86,11 @@ class ModelFiles:
         """CalciumNets whose probabilities the model averages (1: a single network)."""
         return int(self.info.get("ensemble_size", 1))
 
+    @property
+    def pixel_spacing_span(self):
+        """``training_ranges.pixel_spacing_mm`` of model.json: [lowest, highest] mm, or None."""
+        return (self.info.get("training_ranges") or {}).get("pixel_spacing_mm")
+
     def within_training_range(self, spacing_mm) -> bool | None:
         """Whether a scan's in-plane pixel spacing (``spacing_mm[1:]``) lies inside the
         span the model was trained on (``training_ranges`` in model.json; None when the
@@ -93,7 +98,7 @@ class ModelFiles:
         span is one interval: the shipped model's gated (0.30-0.50 mm) and non-gated
         (0.60-0.85 mm) phantoms leave a gap at 0.50-0.60 mm that counts as inside (on
         generated gated scans there it agreed 97.5 % vs 100 %: model card)."""
-        span = (self.info.get("training_ranges") or {}).get("pixel_spacing_mm")
+        span = self.pixel_spacing_span
         if not span:
             return None
         low, high = span
