@@ -1045,11 +1045,11 @@ def score_manifest(manifest: str | os.PathLike, out_parquet: str | os.PathLike, 
     entries, warnings = read_manifest(manifest)
     for warning in warnings:
         log.warning("manifest: %s", warning)
-    rows = []
+    rows, loaded = [], {}  # the engine, loaded at the first visit that reaches inference
     for number, entry in enumerate(entries, start=1):
         try:
             row = score_scan(entry.dicom_dir, config, engine=engine,
-                             participant_id=entry.participant_id, visit=entry.visit)
+                             participant_id=entry.participant_id, visit=entry.visit, loaded=loaded)
             row.pop("lesions", None)
         except Exception as error:  # one visit's failure never stops the rest
             log.exception("%s %s: scoring failed", entry.participant_id, entry.visit)

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 
 from cacflow import tables
@@ -91,3 +92,31 @@ def test_model_names_the_model_that_scores_and_a_wrong_folder_says_what_to_fix(t
         wrong = subprocess.run([sys.executable, "-m", "cacflow", "score-scan", folders[pid], *how],
                                capture_output=True, text=True)
         assert wrong.returncode != 0 and "lacks model.json" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_a_manifest_loads_the_engine_once_and_scores_every_visit_as_one_at_a_time_would(tiny_cohort, tmp_path,
+                                                                                      monkeypatch):
+    from cacflow import evaluation, pipeline
+
+    folders, reference = tiny_cohort
+    scored = sorted(p for p, row in reference.items() if row["expected_status"] == "scored")[:3]
+    assert len(scored) >= 2
+    manifest = tmp_path / "manifest.tsv"
+    manifest.write_text("participant_id\tvisit\tdicom_dir\n"
+                        + "".join(f"{pid}\tbaseline\t{folders[pid]}\n" for pid in scored))
+    loads = []
+    real_init = pipeline.Inferer.__init__
+
+    def counting_init(self, *args, **kwargs):  # the real engine, counted
+        loads.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.Inferer, "__init__", counting_init)
+    rows = {row["participant_id"]: row for row in pq.read_table(
+        evaluation.score_manifest(manifest, tmp_path / "scans.parquet", engine="onnxruntime")).to_pylist()}
+    assert len(loads) == 1
+    for pid in scored:  # the shared engine gives each visit the score it gets alone
+        alone = score_scan(folders[pid], "--engine", "onnxruntime")
+        assert rows[pid]["status"] == "scored"
+        assert rows[pid]["agatston_total"] == pytest.approx(alone["agatston_total"], abs=1e-9)
+        assert rows[pid]["risk_category"] == reference[pid]["risk_category"]

@@ -47,7 +47,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def score_scan(dicom_dir, config: dict, engine: str = "auto", participant_id=None, visit=None,
-               keep_dir: Path | None = None) -> dict:
+               keep_dir: Path | None = None, loaded: dict | None = None) -> dict:
+    """One visit's scans row (and its ``lesions``). ``loaded``: a dict the caller keeps
+    across visits, holding the engine once it is loaded (about 1.4 s a load), so a
+    manifest of visits loads it once; an engine that fails to load is tried again at
+    the next visit that reaches inference."""
     from cacflow import pipeline
     from cacflow.convert import load_volume
     from cacflow.manifest import VisitEntry
@@ -63,7 +67,10 @@ def score_scan(dicom_dir, config: dict, engine: str = "auto", participant_id=Non
         if state["status"] == pipeline.PENDING:
             pipeline.convert_visit(state, work, config)
         if state["status"] == pipeline.PENDING:
-            inferer = pipeline.Inferer(engine, config)
+            loaded = {} if loaded is None else loaded
+            if "inferer" not in loaded:
+                loaded["inferer"] = pipeline.Inferer(engine, config)
+            inferer = loaded["inferer"]
             volume = load_volume(state["nifti_path"], state.get("slice_thickness_mm"))
             inferer.infer_visit(state, volume, work)
             scores, lesions = pipeline.score_visit(state, volume, pipeline.load_labels(state["labels_path"]), config)
