@@ -68,6 +68,8 @@ class TrainingConfig:
     init_weights: str | None = None  # start from these weights (calciumnet.pt)
     device: str = "auto"  # auto (a CUDA GPU when there is one, else the CPU) | cpu | cuda
     dataset_dir: str | None = None  # None: work_dir/dataset
+    # Phantom acquisitions (ACQUISITION_RECIPES): "standard" (the shipped model's) or "wide".
+    acquisition: str = "standard"
 
     @property
     def data_dir(self) -> Path:
@@ -111,6 +113,40 @@ def resolve_training_device(requested: str) -> str:
 GATED_PIXEL_SPACING_MM = (0.30, 0.50)
 NONGATED_PIXEL_SPACING_MM = (0.60, 0.85)
 
+# The "wide" acquisition recipe (`cacflow train --acquisition wide`): gated scans up to
+# 0.60 mm (fields of view to 307 mm), non-gated chest CT up to 0.98 mm (500 mm), and 80
+# to 140 kVp. Drawn after the standard settings, from a stream of the phantom's own, so
+# the standard recipe (the shipped model's) draws exactly as before. Tried and not
+# adopted: it did no better on those acquisitions (docs/evaluation.md).
+WIDE_GATED_PIXEL_SPACING_MM = (0.30, 0.60)
+WIDE_NONGATED_PIXEL_SPACING_MM = (0.60, 0.98)
+WIDE_KVPS = (80, 100, 120, 120, 120, 140)
+ACQUISITION_RECIPES = ("standard", "wide")
+
+
+def widened_acquisition(settings, rng: np.random.Generator):
+    """``settings`` drawn by ``randomised_phantom_settings``, re-imaged with the wide
+    recipe's pixel spacing and kVp (``rng``: the acquisition's own stream)."""
+    span = WIDE_GATED_PIXEL_SPACING_MM if settings.gated else WIDE_NONGATED_PIXEL_SPACING_MM
+    return replace(settings, pixel_spacing_mm=float(rng.uniform(*span)), kvp=int(rng.choice(WIDE_KVPS)))
+
+
+def training_pixel_spacing_span(acquisition: str) -> tuple[float, float]:
+    """[lowest, highest] in-plane pixel spacing of a recipe's phantoms (model.json)."""
+    if acquisition == "wide":
+        return WIDE_GATED_PIXEL_SPACING_MM[0], WIDE_NONGATED_PIXEL_SPACING_MM[1]
+    return GATED_PIXEL_SPACING_MM[0], NONGATED_PIXEL_SPACING_MM[1]
+
+
+def training_phantom_settings(rng: np.random.Generator, acquisition: str = "standard"):
+    """One training phantom's settings under the ``acquisition`` recipe."""
+    if acquisition not in ACQUISITION_RECIPES:
+        raise ValueError(f"unknown acquisition recipe {acquisition!r}; choose one of {', '.join(ACQUISITION_RECIPES)}")
+    settings = randomised_phantom_settings(rng)
+    if acquisition == "wide":
+        settings = widened_acquisition(settings, np.random.default_rng([int(rng.integers(2**31)), 7]))
+    return settings
+
 
 def randomised_phantom_settings(rng: np.random.Generator):
     """Settings that span what real archives hold (issue: generalise to any scanner)."""
@@ -137,13 +173,13 @@ def randomised_phantom_settings(rng: np.random.Generator):
 
 
 def _build_one(args) -> dict:
-    index, seed, out_dir = args
+    index, seed, acquisition, out_dir = args
     from scipy import ndimage
 
     from cacflow.synth.phantom import generate_phantom
 
     rng = np.random.default_rng([seed, index])
-    settings = randomised_phantom_settings(rng)
+    settings = training_phantom_settings(rng, acquisition)
     phantom = generate_phantom(int(rng.integers(2**31)), settings)
     inputs, grid = network_inputs(phantom.hu, phantom.spacing_mm)
     targets = network_targets(phantom.hu, phantom.coronary_labels, grid)
@@ -159,8 +195,9 @@ def _build_one(args) -> dict:
 def build_dataset(config: TrainingConfig) -> Path:
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
+    _claim_dataset(data_dir, {"seed": config.seed, "acquisition": config.acquisition})
     todo = [
-        (i, config.seed, data_dir)
+        (i, config.seed, config.acquisition, data_dir)
         for i in range(config.n_volumes)
         if not (data_dir / f"{i:05d}_targets.npy").exists()
     ]
@@ -172,6 +209,22 @@ def build_dataset(config: TrainingConfig) -> Path:
                 rate = done / (time.perf_counter() - started)
                 log.info("dataset: %d/%d volumes (%.2f/s, %.0f s left)", done, len(todo), rate, (len(todo) - done) / rate)
     return data_dir
+
+
+def _claim_dataset(data_dir: Path, recipe: dict) -> None:
+    """Record which recipe a dataset folder holds (dataset.json), and refuse to add to
+    or train on one generated with another: its phantoms would be silently mixed in.
+    A folder from before this record (volumes, no dataset.json) is taken as it is."""
+    record = data_dir / "dataset.json"
+    if record.exists():
+        held = json.loads(record.read_text())
+        if held != recipe:
+            raise ValueError(f"the phantom dataset in {data_dir} was generated with {held}, not {recipe}: "
+                             "delete that folder, or give this recipe a work folder of its own")
+        return
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(recipe) + "\n")
+    tmp.replace(record)
 
 
 def _save_volume(out_dir: Path, index: int, inputs, targets, near_coronary) -> int:
@@ -459,7 +512,7 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
         "classes": ["not_coronary", "lm", "lad", "lcx", "rca"],
         "onnx_max_abs_diff_vs_torch": max_error,
         # A COCA fine-tune keeps the phantoms' span: it starts from the phantom-trained model.
-        "training_ranges": {"pixel_spacing_mm": [GATED_PIXEL_SPACING_MM[0], NONGATED_PIXEL_SPACING_MM[1]]},
+        "training_ranges": _training_ranges(config),
         # Paths stay out: they can name a site or a person. An ensemble's phantoms and
         # steps are its members'.
         "training": {k: v for k, v in asdict(config).items()
@@ -470,6 +523,16 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
     }
     (model_dir / "model.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _training_ranges(config: TrainingConfig) -> dict:
+    """The acquisition span a model was trained on: its recipe's, or for a COCA
+    fine-tune the span of the model it starts from (the real scans' are not known)."""
+    if config.coca_root and config.init_weights:
+        start = Path(config.init_weights).with_name("model.json")
+        if start.exists() and "training_ranges" in json.loads(start.read_text()):
+            return json.loads(start.read_text())["training_ranges"]
+    return {"pixel_spacing_mm": list(training_pixel_spacing_span(config.acquisition))}
 
 
 def _phantom_scorer(model_dir: str, workers: int):

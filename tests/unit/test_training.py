@@ -9,6 +9,8 @@ import json
 import pytest
 import torch
 
+from dataclasses import replace
+
 from cacflow import cli, training
 from cacflow.training import TrainingConfig, build_dataset, resolve_training_device
 
@@ -187,3 +189,51 @@ def test_cli_refuses_a_malformed_ensemble_recipe(tmp_path, capsys, spec):
     with pytest.raises(SystemExit):
         cli.main(["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m"), "--members", spec])
     assert "expected VOLUMES:STEPS pairs" in capsys.readouterr().err
+
+
+def test_the_standard_recipe_draws_as_before_and_the_wide_one_changes_only_the_acquisition():
+    import numpy as np
+
+    wide_spacings = {True: [], False: []}
+    wide_kvps = set()
+    for index in range(300):
+        before = training.randomised_phantom_settings(np.random.default_rng([7, index]))
+        standard = training.training_phantom_settings(np.random.default_rng([7, index]), "standard")
+        wide = training.training_phantom_settings(np.random.default_rng([7, index]), "wide")
+        assert standard == before  # the shipped model's phantoms are unchanged
+        assert replace(wide, pixel_spacing_mm=standard.pixel_spacing_mm, kvp=standard.kvp) == standard
+        low, high = (training.WIDE_GATED_PIXEL_SPACING_MM if wide.gated
+                     else training.WIDE_NONGATED_PIXEL_SPACING_MM)
+        assert low <= wide.pixel_spacing_mm <= high
+        wide_spacings[wide.gated].append(wide.pixel_spacing_mm)
+        wide_kvps.add(wide.kvp)
+    assert max(wide_spacings[False]) > 0.90 and max(wide_spacings[True]) > 0.55  # beyond the standard spans
+    assert wide_kvps == {80, 100, 120, 140}
+    with pytest.raises(ValueError, match="unknown acquisition recipe"):
+        training.training_phantom_settings(np.random.default_rng(1), "narrow")
+
+
+def test_phantoms_of_another_recipe_are_never_mixed_into_a_dataset(tmp_path, two_phantom_dataset):
+    from dataclasses import replace
+
+    standard = _config(tmp_path, "standard", two_phantom_dataset)
+    assert json.loads((two_phantom_dataset / "dataset.json").read_text()) == {"seed": standard.seed,
+                                                                               "acquisition": "standard"}
+    build_dataset(standard)  # the same recipe: the volumes on disk are used
+    for other in (replace(standard, acquisition="wide"), replace(standard, seed=standard.seed + 1)):
+        with pytest.raises(ValueError, match="was generated with"):
+            build_dataset(other)
+
+
+@pytest.mark.parametrize("acquisition, span", [("standard", [0.30, 0.85]), ("wide", [0.30, 0.98])])
+def test_model_json_records_the_pixel_spacing_its_recipe_trained_on(tmp_path, acquisition, span):
+    from cacflow.model.engines import ModelFiles
+    from cacflow.model.network import build_network
+    from cacflow.model.preprocessing import N_INPUT_CHANNELS
+
+    config = TrainingConfig(work_dir=str(tmp_path), model_dir=str(tmp_path / "model"), widths=SMALL_NETWORK,
+                            acquisition=acquisition)
+    training.export(build_network(N_INPUT_CHANNELS, SMALL_NETWORK).eval(), config, [])
+    model = ModelFiles(tmp_path / "model")
+    assert model.pixel_spacing_span == pytest.approx(span)
+    assert model.within_training_range((3.0, 0.9, 0.9)) is (acquisition == "wide")

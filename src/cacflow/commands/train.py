@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=None, help="peak of the one-cycle schedule")
     parser.add_argument("--coca-root", type=Path, default=None,
                         help="fine-tune on this COCA-format root (patient/<id>/<series>/, calcium_xml/<id>.xml)")
+    parser.add_argument("--acquisition", choices=("standard", "wide"), default="standard",
+                        help="phantom acquisitions: standard (the shipped model's: pixels 0.30-0.85 mm, "
+                             "100/120 kVp) or wide (0.30-0.98 mm, 80-140 kVp; tried and not adopted: "
+                             "docs/evaluation.md)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: a CUDA GPU when torch sees one, else the CPU; cuda: fail without one")
     parser.add_argument("--init-weights", default=None,
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         # A COCA fine-tune tunes whatever --init-weights holds: no member recipe.
         members=() if args.coca_root else args.members or SHIPPED_MEMBERS, steps=args.steps, workers=args.workers,
         coca_root=str(args.coca_root) if args.coca_root else None, init_weights=init_weights,
-        device=args.device,
+        device=args.device, acquisition=args.acquisition,
     )
     if args.learning_rate:
         config.learning_rate = args.learning_rate
