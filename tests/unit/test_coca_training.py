@@ -76,7 +76,8 @@ def _train(tmp_path, coca_root, *extra):
 
 
 def test_fine_tuning_on_coca_starts_from_the_shipped_model(tmp_path, coca_root):
-    work, model = _train(tmp_path, coca_root, "--steps", "3", "--learning-rate", "1e-9")
+    # (--acquisition names a phantom recipe, which a COCA fine-tune does not use)
+    work, model = _train(tmp_path, coca_root, "--steps", "3", "--learning-rate", "1e-9", "--acquisition", "wide")
     index = json.loads((work / "dataset" / "coca_index.json").read_text())
     assert index["used"] == ["1", "2"] and "FileNotFoundError" in index["skipped"]["3"]
     info = json.loads((model / "model.json").read_text())
@@ -84,6 +85,7 @@ def test_fine_tuning_on_coca_starts_from_the_shipped_model(tmp_path, coca_root):
     assert info["training"]["notes"]["initial_weights_sha256"] == packaged.sha256
     assert info["training"]["notes"]["training_data"] == "COCA-format annotations, 2 patients"
     assert str(coca_root) not in (model / "model.json").read_text()  # no site paths in the model
+    assert info["training_ranges"] == packaged.info["training_ranges"]  # the span of the model it started from
     # A vanishing learning rate leaves the shipped weights: they were the starting point
     # (batch-norm running statistics move in training mode whatever the rate).
     shipped = torch.load(packaged.torch_path, map_location="cpu", weights_only=True)
