@@ -71,6 +71,10 @@ class TrainingConfig:
     # Phantom acquisitions (ACQUISITION_RECIPES): "standard" (the shipped model's) or "wide".
     acquisition: str = "standard"
 
+    def __post_init__(self) -> None:
+        # Checked here, before a dataset folder is claimed for the recipe (dataset.json).
+        _check_acquisition(self.acquisition)
+
     @property
     def data_dir(self) -> Path:
         return Path(self.dataset_dir) if self.dataset_dir else Path(self.work_dir) / "dataset"
@@ -138,10 +142,14 @@ def training_pixel_spacing_span(acquisition: str) -> tuple[float, float]:
     return GATED_PIXEL_SPACING_MM[0], NONGATED_PIXEL_SPACING_MM[1]
 
 
-def training_phantom_settings(rng: np.random.Generator, acquisition: str = "standard"):
-    """One training phantom's settings under the ``acquisition`` recipe."""
+def _check_acquisition(acquisition: str) -> None:
     if acquisition not in ACQUISITION_RECIPES:
         raise ValueError(f"unknown acquisition recipe {acquisition!r}; choose one of {', '.join(ACQUISITION_RECIPES)}")
+
+
+def training_phantom_settings(rng: np.random.Generator, acquisition: str = "standard"):
+    """One training phantom's settings under the ``acquisition`` recipe."""
+    _check_acquisition(acquisition)
     settings = randomised_phantom_settings(rng)
     if acquisition == "wide":
         settings = widened_acquisition(settings, np.random.default_rng([int(rng.integers(2**31)), 7]))
@@ -511,7 +519,6 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
         "target_spacing_mm": TARGET_SPACING_MM,
         "classes": ["not_coronary", "lm", "lad", "lcx", "rca"],
         "onnx_max_abs_diff_vs_torch": max_error,
-        # A COCA fine-tune keeps the phantoms' span: it starts from the phantom-trained model.
         "training_ranges": _training_ranges(config),
         # Paths stay out: they can name a site or a person. An ensemble's phantoms and
         # steps are its members'.
@@ -530,8 +537,9 @@ def _training_ranges(config: TrainingConfig) -> dict:
     fine-tune the span of the model it starts from (the real scans' are not known)."""
     if config.coca_root and config.init_weights:
         start = Path(config.init_weights).with_name("model.json")
-        if start.exists() and "training_ranges" in json.loads(start.read_text()):
-            return json.loads(start.read_text())["training_ranges"]
+        ranges = json.loads(start.read_text()).get("training_ranges") if start.exists() else None
+        if ranges:
+            return ranges
     return {"pixel_spacing_mm": list(training_pixel_spacing_span(config.acquisition))}
 
 

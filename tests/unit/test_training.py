@@ -5,11 +5,10 @@ schedule and both random generators)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
-
-from dataclasses import replace
 
 from cacflow import cli, training
 from cacflow.training import TrainingConfig, build_dataset, resolve_training_device
@@ -119,7 +118,6 @@ def test_cli_refuses_an_unknown_device(tmp_path, capsys):
 
 def test_an_ensemble_is_its_members_trained_alone_then_averaged(tmp_path, two_phantom_dataset, monkeypatch,
                                                                  one_torch_thread):
-    from dataclasses import replace
     from pathlib import Path
 
     import numpy as np
@@ -176,8 +174,6 @@ def test_an_ensemble_is_its_members_trained_alone_then_averaged(tmp_path, two_ph
 
 
 def test_an_ensemble_cannot_start_from_weights(tmp_path, two_phantom_dataset):
-    from dataclasses import replace
-
     pair = replace(_config(tmp_path, "pair", two_phantom_dataset), members=((2, 3), (1, 4)), init_weights="any.pt")
     with pytest.raises(ValueError, match="an ensemble is trained from scratch"):
         training.train(pair)
@@ -214,8 +210,6 @@ def test_the_standard_recipe_draws_as_before_and_the_wide_one_changes_only_the_a
 
 
 def test_phantoms_of_another_recipe_are_never_mixed_into_a_dataset(tmp_path, two_phantom_dataset):
-    from dataclasses import replace
-
     standard = _config(tmp_path, "standard", two_phantom_dataset)
     assert json.loads((two_phantom_dataset / "dataset.json").read_text()) == {"seed": standard.seed,
                                                                                "acquisition": "standard"}
@@ -223,6 +217,9 @@ def test_phantoms_of_another_recipe_are_never_mixed_into_a_dataset(tmp_path, two
     for other in (replace(standard, acquisition="wide"), replace(standard, seed=standard.seed + 1)):
         with pytest.raises(ValueError, match="was generated with"):
             build_dataset(other)
+    with pytest.raises(ValueError, match="unknown acquisition recipe"):  # refused before any folder is claimed
+        replace(standard, acquisition="narrow", dataset_dir=str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("acquisition, span", [("standard", [0.30, 0.85]), ("wide", [0.30, 0.98])])
