@@ -335,7 +335,9 @@ class CropSampler:
             x, y = self._crop(inputs[z], targets[z], cy + jitter[0], cx + jitter[1])
             xs.append(x)
             ys.append(y)
-        return np.stack(xs).astype(np.float32), np.stack(ys).astype(np.int64)
+        # Inputs stay float16 as stored (exact in float32): the training loop widens
+        # them where it runs, on the GPU when there is one, not in this one CPU process.
+        return np.stack(xs), np.stack(ys).astype(np.int64)
 
     def _crop(self, image, target, cy, cx):
         c = self.crop
@@ -430,6 +432,8 @@ def _train_network(config: TrainingConfig) -> dict:
     if config.coca_root:
         config.notes["training_data"] = f"COCA-format annotations, {n_volumes} patients"
     network.to(device)
+    if device == "cuda":  # every batch has the same crop size: let cuDNN pick its fastest kernels once
+        torch.backends.cudnn.benchmark = True
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.learning_rate, total_steps=config.steps)
     rng = np.random.default_rng([config.seed, 1])
@@ -455,7 +459,7 @@ def _train_network(config: TrainingConfig) -> dict:
     started, running = time.perf_counter(), []
     while step < config.steps:
         x, y = sampler.batch(config.batch_size)
-        loss = loss_fn(network(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device))
+        loss = loss_fn(network(torch.from_numpy(x).to(device).float()), torch.from_numpy(y).to(device))
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -487,7 +491,6 @@ def _sha256(path: str | Path) -> str:
 def export(network, config: TrainingConfig, history: list, members: list | None = None) -> dict:
     """Write weights, the ONNX graph (checked against PyTorch) and model.json
     (``members``: what each member of an ensemble was trained on)."""
-    import onnxruntime as ort
     import torch
 
     from cacflow.model.network import ensemble_size
@@ -495,20 +498,7 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
     model_dir = Path(config.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), model_dir / "calciumnet.pt")
-    example = torch.randn(2, N_INPUT_CHANNELS, 96, 128)
-    torch.onnx.export(
-        network, (example,), str(model_dir / "calciumnet.onnx"), input_names=["inputs"], output_names=["logits"],
-        dynamic_axes={"inputs": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}},
-        opset_version=17, dynamo=False,
-    )
-    check = torch.randn(3, N_INPUT_CHANNELS, 144, 112)
-    with torch.inference_mode():
-        expected = network(check).numpy()
-    session = ort.InferenceSession(str(model_dir / "calciumnet.onnx"), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"inputs": check.numpy()})[0]
-    max_error = float(np.abs(got - expected).max())
-    if max_error > 1e-3:
-        raise RuntimeError(f"ONNX export disagrees with PyTorch (max |diff| {max_error:.2e})")
+    max_error = export_onnx(network, model_dir / "calciumnet.onnx")
     members_in_network = ensemble_size(network.state_dict())
     info = {
         "model_version": config.model_version,
@@ -530,6 +520,47 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
     }
     (model_dir / "model.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def export_onnx(network, onnx_path: Path) -> float:
+    """Write the network's ONNX graph (atomically) and return its largest difference
+    from PyTorch on a random batch; over 1e-3 is an error and nothing is written."""
+    import onnxruntime as ort
+    import torch
+
+    tmp = onnx_path.with_name(onnx_path.name + ".tmp")
+    torch.onnx.export(
+        network, (torch.randn(2, N_INPUT_CHANNELS, 96, 128),), str(tmp), input_names=["inputs"],
+        output_names=["logits"],
+        dynamic_axes={"inputs": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}},
+        opset_version=17, dynamo=False,
+    )
+    check = torch.randn(3, N_INPUT_CHANNELS, 144, 112)
+    with torch.inference_mode():
+        expected = network(check).numpy()
+    got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, {"inputs": check.numpy()})[0]
+    max_error = float(np.abs(got - expected).max())
+    if max_error > 1e-3:
+        tmp.unlink()
+        raise RuntimeError(f"ONNX export disagrees with PyTorch (max |diff| {max_error:.2e})")
+    tmp.replace(onnx_path)
+    return max_error
+
+
+def refresh_onnx(model_dir: str | Path) -> float:
+    """Export a trained model's ONNX graph again from its weights (calciumnet.pt, which
+    stay as they are) with this version's network code, and record the new check in
+    model.json. For when the graph changes but the weights do not (0.3.0's ensemble
+    softmax, docs/evaluation.md)."""
+    from cacflow.model.engines import ModelFiles
+
+    model = ModelFiles(Path(model_dir)).checked()
+    max_error = export_onnx(model.build_network(), model.onnx_path)
+    info = dict(model.info, onnx_max_abs_diff_vs_torch=max_error)
+    tmp = model.directory / "model.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(model.directory / "model.json")
+    return max_error
 
 
 def _training_ranges(config: TrainingConfig) -> dict:

@@ -43,13 +43,14 @@ def make_scans(out_dir: Path, n_scans: int, tags: dict | None = None) -> list[Pa
     return folders
 
 
-def time_engine(engine: str, folders: list[str], repeats: int, queue) -> None:
+def time_engine(engine: str, folders: list[str], repeats: int, queue, model_dir: str = "") -> None:
     from cacflow import pipeline
     from cacflow.config import load_config
     from cacflow.convert import load_volume
     from cacflow.manifest import VisitEntry
 
     config = load_config()
+    config["model"] = model_dir
     started = time.perf_counter()
     inferer = pipeline.Inferer(engine, config)
     load_seconds = time.perf_counter() - started
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--identifiers", type=json.loads, default=None,
                         help="JSON object of DICOM keyword -> value written into every scan (leak test)")
+    parser.add_argument("--model", default="", help="time the model in this folder (model.json, calciumnet.pt "
+                        "and .onnx) instead of the shipped one, e.g. an earlier export of it")
     parser.add_argument("--keep-dicom", type=Path, default=None, help="write the generated scans here and keep them")
     args = parser.parse_args()
     results = []
@@ -103,13 +106,14 @@ def main() -> None:
         context = multiprocessing.get_context("spawn")
         for engine in args.engines:
             queue = context.Queue()
-            process = context.Process(target=time_engine, args=(engine, folders, args.repeats, queue))
+            process = context.Process(target=time_engine, args=(engine, folders, args.repeats, queue, args.model))
             process.start()
             results.append(queue.get())
             process.join()
     print(f"machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, "
           f"python {platform.python_version()}")
-    print(f"{args.scans} gated 512x512 scans x {args.repeats} repeats per engine; medians per scan")
+    print(f"{args.scans} gated 512x512 scans x {args.repeats} repeats per engine; medians per scan; "
+          f"model {args.model or 'shipped'}")
     for result in results:
         print(f"\nengine {result['engine']}: {result['total_median_s']:.2f} s per scan end to end, "
               f"peak memory {result['peak_rss_mb']:.0f} MB, model load {result['model_load_s']:.2f} s")

@@ -179,14 +179,14 @@ def time_end_to_end(engine, folders: list[str], workers: int, batch_slices: int)
 
     from cacflow import pipeline
     from cacflow.config import load_config
-    from cacflow.inference import _softmax, assign_candidates
+    from cacflow.inference import assign_candidates
 
     config = load_config()
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for visit, volume, inputs, grid in pool.map(_prepare, folders):
             logits = np.concatenate([engine(inputs[i:i + batch_slices]) for i in range(0, len(inputs), batch_slices)])
-            labels, *_ = assign_candidates(volume.hu, _softmax(logits, axis=1), grid, 130.0)
+            labels, *_ = assign_candidates(volume.hu, logits, grid, 130.0)
             pipeline.score_visit(visit, volume, labels, config)
     return len(folders) / (time.perf_counter() - started)
 

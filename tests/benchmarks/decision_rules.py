@@ -46,12 +46,13 @@ SETS = {"validation": 55_000_001, "holdout": 99_000_001}  # the seeds of tests/b
 SHARES = (0.3, 0.4, 0.45, 0.55, 0.6)
 
 
-def labels_by_rule(hu: np.ndarray, probabilities: np.ndarray, grid, truth: np.ndarray) -> dict[str, np.ndarray]:
-    shipped = assign_candidates(hu, probabilities, grid, 130.0)[0]
+def labels_by_rule(hu: np.ndarray, logits: np.ndarray, grid, truth: np.ndarray) -> dict[str, np.ndarray]:
+    shipped = assign_candidates(hu, logits, grid, 130.0)[0]
     calcium = hu >= 130.0
     in_slice, _ = ndimage.label(calcium, structure=IN_PLANE_8_CONNECTED)
     in_3d, _ = ndimage.label(calcium, structure=np.ones((3, 3, 3), bool))
     rules = {"per_slice_0.50": shipped}
+    probabilities = _softmax(logits, axis=1)
     z, y, x = np.nonzero(calcium)
     cells = grid.padded_height * grid.padded_width
     voxel_probabilities = probabilities.transpose(0, 2, 3, 1).reshape(-1, N_CLASSES)[
@@ -103,8 +104,7 @@ def main() -> None:
             phantom = generate_phantom(int(rng.integers(2**31)), settings)
             inputs, grid = network_inputs(phantom.hu, phantom.spacing_mm)
             logits = np.concatenate([engine(inputs[i:i + 16]) for i in range(0, len(inputs), 16)])
-            probabilities = _softmax(logits, axis=1)
-            for rule, labels in labels_by_rule(phantom.hu, probabilities, grid, phantom.coronary_labels).items():
+            for rule, labels in labels_by_rule(phantom.hu, logits, grid, phantom.coronary_labels).items():
                 predicted = score_volume(phantom.hu, labels, phantom.spacing_mm,
                                          z_positions_mm=phantom.z_positions_mm).agatston_total
                 rows.setdefault(rule, []).append({"reference": phantom.reference["agatston_total"],

@@ -107,3 +107,62 @@ def test_a_scan_is_within_the_models_training_range_only_when_both_pixel_spacing
     (copy / "model.json").write_text(json.dumps(info))
     assert ModelFiles(copy).within_training_range((3.0, 0.97, 0.97)) is None
     assert ModelFiles.packaged().info["training_ranges"] == random_model.info["training_ranges"]
+
+
+def _onnx_ops(path) -> set[str]:
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def test_the_shipped_ensemble_graph_has_no_onnx_softmax_and_matches_its_weights():
+    """ONNX Runtime's Softmax on the class axis of NCHW data cost 0.19 s of a gated
+    scan's engine time; the shipped graph writes the softmax out (network._channel_softmax)
+    and still computes what calciumnet.pt does."""
+    model = ModelFiles.packaged()
+    assert model.ensemble_size == 2
+    assert "Softmax" not in _onnx_ops(model.onnx_path)
+    batch = np.random.default_rng(3).normal(size=(2, N_INPUT_CHANNELS, 64, 96)).astype(np.float32)
+    np.testing.assert_allclose(OnnxRuntimeEngine(model, threads=1)(batch), TorchEngine(model, threads=1)(batch),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_refresh_onnx_re_exports_the_graph_and_keeps_the_weights(tmp_path):
+    """An ensemble exported with the old graph (torch's own softmax) is exported again
+    from its unchanged weights, and model.json records the new parity check."""
+    import json
+
+    import torch.nn.functional as F
+
+    from cacflow.model.network import CalciumEnsemble
+    from cacflow.training import refresh_onnx
+
+    torch.manual_seed(0)
+    ensemble = CalciumEnsemble(N_INPUT_CHANNELS, (8, 8, 16, 16, 16), 2).eval()
+
+    class OldGraph(CalciumEnsemble):
+        def forward(self, x):
+            probabilities = torch.stack([F.softmax(member(x), dim=1) for member in self.members]).mean(dim=0)
+            return torch.log(probabilities.clamp_min(self.MIN_PROBABILITY))
+
+    old = OldGraph(N_INPUT_CHANNELS, (8, 8, 16, 16, 16), 2).eval()
+    old.load_state_dict(ensemble.state_dict())
+    config = TrainingConfig(work_dir=str(tmp_path), model_dir=str(tmp_path), widths=(8, 8, 16, 16, 16))
+    export(old, config, history=[])
+    weights_before = (tmp_path / "calciumnet.pt").read_bytes()
+    assert "Softmax" in _onnx_ops(tmp_path / "calciumnet.onnx")
+    info_before = json.loads((tmp_path / "model.json").read_text())
+
+    max_error = refresh_onnx(tmp_path)
+
+    assert "Softmax" not in _onnx_ops(tmp_path / "calciumnet.onnx")
+    assert (tmp_path / "calciumnet.pt").read_bytes() == weights_before
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert info["onnx_max_abs_diff_vs_torch"] == max_error < 1e-3
+    assert {k: v for k, v in info.items() if k != "onnx_max_abs_diff_vs_torch"} == \
+        {k: v for k, v in info_before.items() if k != "onnx_max_abs_diff_vs_torch"}
+    model = ModelFiles(tmp_path)
+    batch = np.random.default_rng(4).normal(size=(2, N_INPUT_CHANNELS, 48, 64)).astype(np.float32)
+    np.testing.assert_allclose(OnnxRuntimeEngine(model, threads=1)(batch), TorchEngine(model, threads=1)(batch),
+                               atol=1e-4, rtol=1e-4)
+    assert not list(tmp_path.glob("*.tmp"))

@@ -5,6 +5,11 @@ from cacflow.model.network import N_CLASSES
 from cacflow.model.preprocessing import CoarseGrid
 
 
+def as_logits(probs):
+    """Logits whose softmax is ``probs`` (what an engine returns)."""
+    return np.log(np.clip(probs, 1e-12, None))
+
+
 def one_hot_probabilities(grid, n_slices, classes_by_cell):
     probs = np.zeros((n_slices, N_CLASSES, grid.padded_height, grid.padded_width), dtype=np.float32)
     probs[:, 0] = 1.0
@@ -20,7 +25,7 @@ def test_each_candidate_takes_its_majority_class_and_non_coronary_stays_zero():
     hu[1, 5:7, 5:7] = 300.0  # lesion B in cell (2,2) and (3,3) region
     grid = CoarseGrid.for_shape(8, 8, 0.75, 0.75)
     probs = one_hot_probabilities(grid, 2, {(0, 0, 0): 2, (0, 0, 1): 3})
-    labels, _, n_candidates, n_coronary, _ = assign_candidates(hu, probs, grid, 130.0)
+    labels, _, n_candidates, n_coronary, _ = assign_candidates(hu, as_logits(probs), grid, 130.0)
     assert n_candidates == 2 and n_coronary == 1
     # cell (0,0) holds 4 voxels of A, cell (0,1) 2 voxels: A is LAD (2) as a whole
     assert set(np.unique(labels[0][hu[0] >= 130])) == {2}
@@ -33,7 +38,7 @@ def test_lesions_touching_only_across_slices_are_separate_candidates():
     hu[:, 1, 1] = 500.0
     grid = CoarseGrid.for_shape(4, 4, 0.75, 0.75)
     probs = one_hot_probabilities(grid, 2, {(0, 0, 0): 1, (1, 0, 0): 4})
-    labels, _, n_candidates, _, _ = assign_candidates(hu, probs, grid, 130.0)
+    labels, _, n_candidates, _, _ = assign_candidates(hu, as_logits(probs), grid, 130.0)
     assert n_candidates == 2
     assert labels[0, 1, 1] == 1 and labels[1, 1, 1] == 4
 
@@ -64,6 +69,22 @@ def test_segmenter_batches_slices_and_labels_all_calcium():
     assert set(np.unique(result.labels)) == {0, 4}
 
 
+def test_probabilities_are_the_full_grid_softmax_at_each_calcium_voxel():
+    """The vote's softmax runs on the coarse cells holding calcium only; each voxel
+    must get exactly its cell's row of the softmax over the whole grid."""
+    from cacflow.inference import _softmax, calcium_cell_probabilities
+
+    rng = np.random.default_rng(7)
+    hu = rng.normal(0, 120, (3, 40, 36)).astype(np.float32)
+    grid = CoarseGrid.for_shape(40, 36, 0.7, 0.7)
+    logits = rng.normal(0, 4, (3, N_CLASSES, grid.padded_height, grid.padded_width)).astype(np.float32)
+    z, y, x = np.nonzero(hu >= 130)
+    assert 50 < len(z) < hu.size // 2
+    full = _softmax(logits, axis=1)
+    expected = full[z, :, grid.row_index[y], grid.col_index[x]]
+    assert np.array_equal(calcium_cell_probabilities(logits, grid, z, y, x), expected)
+
+
 def test_close_votes_are_flipped_and_counted_as_unsure():
     """Three one-cell candidates: a sure LAD, a 60/40 coronary (RCA) and a 70/30 not
     coronary one. With the 0.25-0.75 band the last two are unsure: the flipped labels
@@ -74,13 +95,13 @@ def test_close_votes_are_flipped_and_counted_as_unsure():
     probs = one_hot_probabilities(grid, 1, {(0, 0, 0): 2})
     probs[0, :, 0, 2] = [0.4, 0.0, 0.1, 0.0, 0.5]  # coronary share 0.6: RCA, unsure
     probs[0, :, 2, 0] = [0.7, 0.0, 0.0, 0.3, 0.0]  # coronary share 0.3: not coronary, unsure (LCX if flipped)
-    labels, flipped, n_candidates, n_coronary, n_ambiguous = assign_candidates(hu, probs, grid, 130.0)
+    labels, flipped, n_candidates, n_coronary, n_ambiguous = assign_candidates(hu, as_logits(probs), grid, 130.0)
     assert (n_candidates, n_coronary, n_ambiguous) == (3, 2, 2)
     assert (labels[0, 0, 0], labels[0, 0, 4], labels[0, 4, 0]) == (2, 4, 0)
     assert (flipped[0, 0, 0], flipped[0, 0, 4], flipped[0, 4, 0]) == (2, 0, 3)
     assert flipped[hu < 130].max() == 0
     # a narrower band leaves the 0.3 decision sure
-    _, flipped_narrow, _, _, n_narrow = assign_candidates(hu, probs, grid, 130.0, ambiguous_share=(0.35, 0.55))
+    _, flipped_narrow, _, _, n_narrow = assign_candidates(hu, as_logits(probs), grid, 130.0, ambiguous_share=(0.35, 0.55))
     assert n_narrow == 0 and np.array_equal(flipped_narrow, labels)
 
 

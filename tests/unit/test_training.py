@@ -187,6 +187,24 @@ def test_cli_refuses_a_malformed_ensemble_recipe(tmp_path, capsys, spec):
     assert "expected VOLUMES:STEPS pairs" in capsys.readouterr().err
 
 
+def test_cli_batch_size_is_the_number_of_crops_each_step_trains_on(tmp_path, two_phantom_dataset):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "dataset").symlink_to(two_phantom_dataset, target_is_directory=True)
+    assert cli.main(["train", "--work-dir", str(work), "--model-dir", str(tmp_path / "model"), "--members", "2:2",
+                     "--batch-size", "3", "--device", "cpu", "--workers", "1"]) == 0
+    info = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert info["training"]["batch_size"] == 3
+    assert [entry["step"] for entry in info["loss_history"]] == [2]
+
+
+@pytest.mark.parametrize("size", ["0", "-4", "eight"])
+def test_cli_refuses_a_batch_size_that_is_not_a_positive_integer(tmp_path, capsys, size):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m"), "--batch-size", size])
+    assert f"expected a positive integer, got {size!r}" in capsys.readouterr().err
+
+
 def test_the_standard_recipe_draws_as_before_and_the_wide_one_changes_only_the_acquisition():
     import numpy as np
 

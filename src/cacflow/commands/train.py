@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=2000, help="steps of a COCA fine-tune")
     parser.add_argument("--seed", type=int, default=20261126)
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
+    parser.add_argument("--batch-size", type=_positive, default=None,
+                        help="crops per training step (default: the shipped recipe's)")
     parser.add_argument("--learning-rate", type=float, default=None, help="peak of the one-cycle schedule")
     parser.add_argument("--coca-root", type=Path, default=None,
                         help="fine-tune on this COCA-format root (patient/<id>/<series>/, calcium_xml/<id>.xml)")
@@ -32,6 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: a CUDA GPU when torch sees one, else the CPU; cuda: fail without one")
     parser.add_argument("--init-weights", default=None,
                         help="start from these weights: 'packaged' (the shipped model) or a calciumnet.pt")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _members(text: str) -> tuple[tuple[int, int], ...]:
@@ -61,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.learning_rate:
         config.learning_rate = args.learning_rate
+    if args.batch_size:
+        config.batch_size = args.batch_size
     info = train(config)
     logging.getLogger("cacflow.train").info("model %s written to %s", info["model_version"], args.model_dir)
     return 0

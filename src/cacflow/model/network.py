@@ -88,8 +88,17 @@ class CalciumEnsemble(nn.Module):
         self.members = nn.ModuleList(CalciumNet(in_channels, widths) for _ in range(n_members))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probabilities = torch.stack([F.softmax(member(x), dim=1) for member in self.members]).mean(dim=0)
+        probabilities = torch.stack([_channel_softmax(member(x)) for member in self.members]).mean(dim=0)
         return torch.log(probabilities.clamp_min(self.MIN_PROBABILITY))
+
+
+def _channel_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the class axis, written out: exported to ONNX it is a few
+    broadcast operations, where ONNX Runtime's Softmax on axis 1 of NCHW data moves
+    the tensor around first (measured: 0.99 -> 0.80 s of engine time for a gated
+    scan's 49 slices on 2 cores, outputs within 1e-6)."""
+    exp = torch.exp(logits - logits.amax(dim=1, keepdim=True))
+    return exp / exp.sum(dim=1, keepdim=True)
 
 
 def build_network(in_channels: int, widths: tuple[int, ...], n_members: int = 1) -> nn.Module:

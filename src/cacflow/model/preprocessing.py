@@ -68,12 +68,18 @@ def network_inputs(hu: np.ndarray, spacing_mm: tuple[float, float, float], thres
     """Return (inputs float32 [z, C, H, W], grid) for a canonical HU volume."""
     grid = CoarseGrid.for_shape(hu.shape[1], hu.shape[2], spacing_mm[1], spacing_mm[2])
     hu = hu.astype(np.float32, copy=False)
-    soft = grid.box_mean(np.clip(hu, -200.0, 300.0))
+    # One full-resolution scratch volume for the four windowed copies: a fresh array for
+    # each cost more in page faults than the arithmetic (about 0.1 s of a gated scan).
+    scratch = np.empty_like(hu)
+    soft = grid.box_mean(np.clip(hu, -200.0, 300.0, out=scratch))
     soft = (soft - 50.0) / 250.0
-    wide = grid.box_mean(np.clip(hu, -1000.0, 1000.0)) / 1000.0
+    wide = grid.box_mean(np.clip(hu, -1000.0, 1000.0, out=scratch)) / 1000.0
     calcium = hu >= threshold_hu
-    fraction = grid.box_mean(calcium.astype(np.float32))
-    density = grid.box_mean(np.where(calcium, np.clip(hu - threshold_hu, 0.0, DENSITY_RANGE_HU), 0.0)) / DENSITY_RANGE_HU
+    np.copyto(scratch, calcium)
+    fraction = grid.box_mean(scratch)
+    np.clip(np.subtract(hu, np.float32(threshold_hu), out=scratch), 0.0, DENSITY_RANGE_HU, out=scratch)
+    scratch[~calcium] = 0.0
+    density = grid.box_mean(scratch) / DENSITY_RANGE_HU
     density = density / np.maximum(fraction, 1e-3) * (fraction > 0)
     below = np.concatenate([soft[:1], soft[:-1]])
     above = np.concatenate([soft[1:], soft[-1:]])
