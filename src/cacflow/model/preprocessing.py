@@ -68,8 +68,8 @@ def network_inputs(hu: np.ndarray, spacing_mm: tuple[float, float, float], thres
     """Return (inputs float32 [z, C, H, W], grid) for a canonical HU volume."""
     grid = CoarseGrid.for_shape(hu.shape[1], hu.shape[2], spacing_mm[1], spacing_mm[2])
     hu = hu.astype(np.float32, copy=False)
-    # One full-resolution scratch volume for the four windowed copies: a fresh array for
-    # each cost more in page faults than the arithmetic (about 0.1 s of a gated scan).
+    # One full-resolution scratch volume for the four windowed copies, rather than a
+    # fresh array (and its page faults) for each.
     scratch = np.empty_like(hu)
     soft = grid.box_mean(np.clip(hu, -200.0, 300.0, out=scratch))
     soft = (soft - 50.0) / 250.0
