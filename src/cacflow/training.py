@@ -551,7 +551,7 @@ def refresh_onnx(model_dir: str | Path) -> float:
     """Export a trained model's ONNX graph again from its weights (calciumnet.pt, which
     stay as they are) with this version's network code, and record the new check in
     model.json. For when the graph changes but the weights do not (0.3.0's ensemble
-    softmax, docs/evaluation.md)."""
+    softmax: README, Performance)."""
     from cacflow.model.engines import ModelFiles
 
     model = ModelFiles(Path(model_dir)).checked()
