@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cacflow.atomic import atomic_write_text
 from cacflow.model.preprocessing import (
     IGNORE_INDEX,
     N_INPUT_CHANNELS,
@@ -230,9 +231,7 @@ def _claim_dataset(data_dir: Path, recipe: dict) -> None:
             raise ValueError(f"the phantom dataset in {data_dir} was generated with {held}, not {recipe}: "
                              "delete that folder, or give this recipe a work folder of its own")
         return
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps(recipe) + "\n")
-    tmp.replace(record)
+    atomic_write_text(record, json.dumps(recipe) + "\n")
 
 
 def _save_volume(out_dir: Path, index: int, inputs, targets, near_coronary) -> int:
@@ -557,9 +556,7 @@ def refresh_onnx(model_dir: str | Path) -> float:
     model = ModelFiles(Path(model_dir)).checked()
     max_error = export_onnx(model.build_network(), model.onnx_path)
     info = dict(model.info, onnx_max_abs_diff_vs_torch=max_error)
-    tmp = model.directory / "model.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(model.directory / "model.json")
+    atomic_write_text(model.directory / "model.json", json.dumps(info, indent=2) + "\n")
     return max_error
 
 

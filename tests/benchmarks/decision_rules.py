@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from cacflow.inference import IN_PLANE_8_CONNECTED, _softmax, assign_candidates
+from cacflow.inference import IN_PLANE_8_CONNECTED, assign_candidates, calcium_cell_probabilities
 from cacflow.model.engines import ModelFiles, OnnxRuntimeEngine
 from cacflow.model.network import N_CLASSES
 from cacflow.model.preprocessing import network_inputs
@@ -52,11 +52,8 @@ def labels_by_rule(hu: np.ndarray, logits: np.ndarray, grid, truth: np.ndarray) 
     in_slice, _ = ndimage.label(calcium, structure=IN_PLANE_8_CONNECTED)
     in_3d, _ = ndimage.label(calcium, structure=np.ones((3, 3, 3), bool))
     rules = {"per_slice_0.50": shipped}
-    probabilities = _softmax(logits, axis=1)
     z, y, x = np.nonzero(calcium)
-    cells = grid.padded_height * grid.padded_width
-    voxel_probabilities = probabilities.transpose(0, 2, 3, 1).reshape(-1, N_CLASSES)[
-        z * cells + grid.row_index[y] * grid.padded_width + grid.col_index[x]]
+    voxel_probabilities = calcium_cell_probabilities(logits, grid, z, y, x)
     for name, groups in (("per_slice", in_slice[z, y, x]), ("lesion_3d", in_3d[z, y, x])):
         votes = np.stack([np.bincount(groups, weights=voxel_probabilities[:, c]) for c in range(N_CLASSES)], axis=1)
         share = votes[:, 1:].sum(axis=1) / np.maximum(votes.sum(axis=1), 1e-12)

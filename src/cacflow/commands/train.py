@@ -7,6 +7,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from cacflow.training import ACQUISITION_RECIPES, TRAINING_DEVICES
+
 NAME = "train"
 HELP = ("train the coronary calcium network on generated phantoms, or fine-tune it on COCA-format "
         "annotations (resumes from checkpoints)")
@@ -26,11 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=None, help="peak of the one-cycle schedule")
     parser.add_argument("--coca-root", type=Path, default=None,
                         help="fine-tune on this COCA-format root (patient/<id>/<series>/, calcium_xml/<id>.xml)")
-    parser.add_argument("--acquisition", choices=("standard", "wide"), default="standard",
+    parser.add_argument("--acquisition", choices=ACQUISITION_RECIPES, default="standard",
                         help="phantom acquisitions: standard (the shipped model's: pixels 0.30-0.85 mm, "
                              "100/120 kVp) or wide (0.30-0.98 mm, 80-140 kVp; tried and not adopted: "
                              "docs/evaluation.md)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=TRAINING_DEVICES, default="auto",
                         help="auto: a CUDA GPU when torch sees one, else the CPU; cuda: fail without one")
     parser.add_argument("--init-weights", default=None,
                         help="start from these weights: 'packaged' (the shipped model) or a calciumnet.pt")
