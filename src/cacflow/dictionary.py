@@ -136,7 +136,8 @@ DEFINITIONS: dict[str, str] = {
     "Engine": (
         "The inference engine is named '<runtime>-<device>-<precision>': runtime "
         "'onnxruntime', 'torch' or 'tensorrt'; device 'cpu' or 'cuda'; precision "
-        "'fp32', 'fp16' or 'bf16' (e.g. 'onnxruntime-cpu-fp32', 'tensorrt-cuda-fp16'). "
+        "'fp32', 'fp16', 'bf16' or 'int8' (e.g. 'onnxruntime-cpu-int8', the CPU default, "
+        "which runs the model's 8-bit copy of its network; 'tensorrt-cuda-fp16'). "
         "The network only decides which vessel, if any, each candidate pixel belongs "
         "to; lesions, areas and HU values come from the full-resolution threshold, so "
         "engines can differ only where reduced precision changes a vessel label."

@@ -35,6 +35,9 @@ IN_PLANE_8_CONNECTED[1] = True
 # category of both wrongly categorised scans; the narrower ones held neither.
 AMBIGUOUS_CORONARY_SHARE = (0.1, 0.9)
 
+# Slices per engine call (the int8 graph's activation ranges are calibrated on such batches).
+BATCH_SLICES = 16
+
 
 @dataclass
 class Segmentation:
@@ -51,7 +54,7 @@ class Segmentation:
 class CalciumSegmenter:
     """Holds one engine; call ``segment`` for each scan."""
 
-    def __init__(self, engine: Engine, threshold_hu: float = 130.0, batch_slices: int = 16):
+    def __init__(self, engine: Engine, threshold_hu: float = 130.0, batch_slices: int = BATCH_SLICES):
         self.engine = engine
         self.threshold_hu = threshold_hu
         self.batch_slices = batch_slices

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from cacflow.atomic import atomic_write_text
+from cacflow.model.quantization import CALIBRATION_PHANTOMS
 from cacflow.model.preprocessing import (
     IGNORE_INDEX,
     N_INPUT_CHANNELS,
@@ -71,6 +72,9 @@ class TrainingConfig:
     dataset_dir: str | None = None  # None: work_dir/dataset
     # Phantom acquisitions (ACQUISITION_RECIPES): "standard" (the shipped model's) or "wide".
     acquisition: str = "standard"
+    # Phantoms that calibrate the int8 copy of the graph for the CPU engine
+    # (cacflow.model.quantization); 0 writes none (that engine then runs the float graph).
+    int8_calibration_phantoms: int = CALIBRATION_PHANTOMS
 
     def __post_init__(self) -> None:
         # Checked here, before a dataset folder is claimed for the recipe (dataset.json).
@@ -498,6 +502,7 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), model_dir / "calciumnet.pt")
     max_error = export_onnx(network, model_dir / "calciumnet.onnx")
+    int8 = _export_int8(model_dir, config.int8_calibration_phantoms)
     members_in_network = ensemble_size(network.state_dict())
     info = {
         "model_version": config.model_version,
@@ -508,11 +513,13 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
         "target_spacing_mm": TARGET_SPACING_MM,
         "classes": ["not_coronary", "lm", "lad", "lcx", "rca"],
         "onnx_max_abs_diff_vs_torch": max_error,
+        **({"int8": int8} if int8 else {}),
         "training_ranges": _training_ranges(config),
         # Paths stay out: they can name a site or a person. An ensemble's phantoms and
         # steps are its members'.
         "training": {k: v for k, v in asdict(config).items()
-                     if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device", "dataset_dir")
+                     if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device", "dataset_dir",
+                                  "int8_calibration_phantoms")
                      and not (members and k in ("n_volumes", "steps"))},
         "loss_history": history,
         **({"members": members} if members else {}),
@@ -546,18 +553,44 @@ def export_onnx(network, onnx_path: Path) -> float:
     return max_error
 
 
-def refresh_onnx(model_dir: str | Path) -> float:
-    """Export a trained model's ONNX graph again from its weights (calciumnet.pt, which
-    stay as they are) with this version's network code, and record the new check in
-    model.json. For when the graph changes but the weights do not (0.3.0's ensemble
-    softmax: README, Performance)."""
+def refresh_onnx(model_dir: str | Path, int8_calibration_phantoms: int = CALIBRATION_PHANTOMS) -> float:
+    """Export a trained model's ONNX graph and its int8 copy again from its weights
+    (calciumnet.pt, which stay as they are) with this version's network code, and record
+    the new checks in model.json. For when the graph changes but the weights do not
+    (0.3.0's ensemble softmax: README, Performance)."""
     from cacflow.model.engines import ModelFiles
 
     model = ModelFiles(Path(model_dir)).checked()
     max_error = export_onnx(model.build_network(), model.onnx_path)
     info = dict(model.info, onnx_max_abs_diff_vs_torch=max_error)
     atomic_write_text(model.directory / "model.json", json.dumps(info, indent=2) + "\n")
+    refresh_int8(model.directory, int8_calibration_phantoms)
     return max_error
+
+
+def refresh_int8(model_dir: str | Path, int8_calibration_phantoms: int = CALIBRATION_PHANTOMS) -> dict:
+    """Write a trained model's int8 copy of its ONNX graph (again) and record it in
+    model.json; the float graph and the weights stay as they are. How the shipped
+    0.3.0 model got its copy (docs/evaluation.md)."""
+    model_dir = Path(model_dir)
+    info = json.loads((model_dir / "model.json").read_text())
+    info.pop("int8", None)
+    int8 = _export_int8(model_dir, int8_calibration_phantoms)
+    if int8:
+        info["int8"] = int8
+    atomic_write_text(model_dir / "model.json", json.dumps(info, indent=2) + "\n")
+    return int8
+
+
+def _export_int8(model_dir: Path, n_calibration: int) -> dict:
+    """The int8 copy of the graph (``cacflow.model.quantization``) and what model.json
+    records of it; with no calibration phantoms, none, and no stale copy left behind."""
+    from cacflow.model.quantization import export_int8
+
+    if n_calibration <= 0:
+        (model_dir / "calciumnet.int8.onnx").unlink(missing_ok=True)
+        return {}
+    return export_int8(model_dir, n_calibration)
 
 
 def _training_ranges(config: TrainingConfig) -> dict:
@@ -571,14 +604,16 @@ def _training_ranges(config: TrainingConfig) -> dict:
     return {"pixel_spacing_mm": list(training_pixel_spacing_span(config.acquisition))}
 
 
-def _phantom_scorer(model_dir: str, workers: int):
+def _phantom_scorer(model_dir: str, workers: int, engine: str = "onnxruntime"):
     """phantom -> (its ScanScore, the Agatston range over the model's unsure decisions),
-    with the exported ONNX model of ``model_dir`` (loaded once)."""
+    with the exported ONNX model of ``model_dir`` (loaded once) on ``engine``:
+    ``onnxruntime`` (its int8 copy when it has one, as the workflow on a CPU) or
+    ``onnxruntime-fp32``."""
     from cacflow.inference import CalciumSegmenter
-    from cacflow.model.engines import ModelFiles, OnnxRuntimeEngine
+    from cacflow.model.engines import ModelFiles, create_engine
     from cacflow.scoring import agatston_range, score_volume
 
-    segmenter = CalciumSegmenter(OnnxRuntimeEngine(ModelFiles(Path(model_dir)), threads=workers))
+    segmenter = CalciumSegmenter(create_engine(engine, ModelFiles(Path(model_dir)), threads=workers))
 
     def score(phantom):
         segmentation = segmenter.segment(phantom.hu, phantom.spacing_mm)
@@ -587,6 +622,7 @@ def _phantom_scorer(model_dir: str, workers: int):
         return result, agatston_range(phantom.hu, segmentation.labels, segmentation.flipped_labels,
                                       phantom.spacing_mm, **where)
 
+    score.engine = segmenter.engine.label  # e.g. onnxruntime-cpu-int8: recorded with the figures
     return score
 
 
@@ -625,7 +661,7 @@ ACQUISITION_CHANGES = {
 
 
 def holdout_check(model_dir: str, n_scans: int = 40, seed: int = 99_000_001, workers: int = 2,
-                  change: str | None = None) -> dict:
+                  change: str | None = None, engine: str = "onnxruntime") -> dict:
     """Score generated scans never used in training (other seeds) with the exported
     ONNX model and compare with their reference scores: risk-category agreement,
     CAC > 0 detection, and the mean absolute Agatston error. ``change`` (a key of
@@ -635,7 +671,7 @@ def holdout_check(model_dir: str, n_scans: int = 40, seed: int = 99_000_001, wor
 
     if change is not None and change not in ACQUISITION_CHANGES:
         raise ValueError(f"unknown acquisition change {change!r}; choose one of {', '.join(ACQUISITION_CHANGES)}")
-    score = _phantom_scorer(model_dir, workers)
+    score = _phantom_scorer(model_dir, workers, engine)
     rng = np.random.default_rng(seed)
     change_rng = np.random.default_rng([seed, 1])
     rows = []
@@ -661,6 +697,7 @@ def holdout_check(model_dir: str, n_scans: int = 40, seed: int = 99_000_001, wor
     return {
         "n_scans": n_scans,
         "seed": seed,
+        "engine": score.engine,
         "risk_category_agreement": float(np.mean([r["reference_category"] == r["predicted_category"] for r in rows])),
         "risk_category_agreement_gated": float(np.mean(
             [r["reference_category"] == r["predicted_category"] for r in rows if r["gated"]] or [np.nan])),
@@ -682,7 +719,8 @@ def _flag_summary(rows: list[dict], wrong: list[bool]) -> dict:
     }
 
 
-def noncoronary_check(model_dir: str, n_scans: int = 40, seed: int = 31_000_001, workers: int = 2) -> dict:
+def noncoronary_check(model_dir: str, n_scans: int = 40, seed: int = 31_000_001, workers: int = 2,
+                      engine: str = "onnxruntime") -> dict:
     """Phantoms drawn like the training data but without coronary calcium, each with
     aortic wall, aortic valve or mitral annulus calcium visible (>= 130 HU; bone is in
     every one, each device with probability 0.3): the share the exported model scores
@@ -690,7 +728,7 @@ def noncoronary_check(model_dir: str, n_scans: int = 40, seed: int = 31_000_001,
     from cacflow.synth.cohort import noncoronary_calcium
     from cacflow.synth.phantom import generate_phantom
 
-    score = _phantom_scorer(model_dir, workers)
+    score = _phantom_scorer(model_dir, workers, engine)
     rng = np.random.default_rng(seed)
     rows = []
     while len(rows) < n_scans:
@@ -710,6 +748,7 @@ def noncoronary_check(model_dir: str, n_scans: int = 40, seed: int = 31_000_001,
     return {
         "n_scans": n_scans,
         "seed": seed,
+        "engine": score.engine,
         "share_scored_zero": float(np.mean(zero)),
         "share_scored_zero_gated": float(np.mean([z for z, r in zip(zero, rows) if r["gated"]] or [np.nan])),
         "share_scored_zero_nongated": float(np.mean([z for z, r in zip(zero, rows) if not r["gated"]] or [np.nan])),

@@ -62,15 +62,19 @@ def main() -> None:
                              "140 kVp, gated 0.50-0.60 mm pixels) and per control (0: skip)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--scans", action="store_true", help="print the per-scan rows too")
+    parser.add_argument("--engine", choices=("onnxruntime", "onnxruntime-fp32"), default="onnxruntime",
+                        help="onnxruntime: the model's int8 copy of its graph when it has one (what the workflow "
+                             "runs on a CPU); onnxruntime-fp32: the float graph")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    folder, workers, engine = args.model_dir, args.workers, args.engine
     checks = [
-        ("validation", args.validation, lambda n: holdout_check(args.model_dir, n, 55_000_001, args.workers)),
-        ("holdout", args.holdout, lambda n: holdout_check(args.model_dir, n, 99_000_001, args.workers)),
-        ("noncoronary", args.noncoronary, lambda n: noncoronary_check(args.model_dir, n, 31_000_001, args.workers)),
-        ("thin", args.thin, lambda n: holdout_check(args.model_dir, n, 12_500_001, args.workers, change="thin")),
+        ("validation", args.validation, lambda n: holdout_check(folder, n, 55_000_001, workers, engine=engine)),
+        ("holdout", args.holdout, lambda n: holdout_check(folder, n, 99_000_001, workers, engine=engine)),
+        ("noncoronary", args.noncoronary, lambda n: noncoronary_check(folder, n, 31_000_001, workers, engine=engine)),
+        ("thin", args.thin, lambda n: holdout_check(folder, n, 12_500_001, workers, change="thin", engine=engine)),
         *[(name, args.outside, lambda n, change=change, seed=seed: holdout_check(
-            args.model_dir, n, seed, args.workers, change=change)) for name, change, seed in OUTSIDE_CHECKS],
+            folder, n, seed, workers, change=change, engine=engine)) for name, change, seed in OUTSIDE_CHECKS],
     ]
     for name, n_scans, check in checks:
         if n_scans > 0:

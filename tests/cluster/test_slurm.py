@@ -31,7 +31,7 @@ SLURM_RULES = (
     "plan_shards", "discover", "select_series", "convert", "infer",
     "score", "aggregate", "data_dictionary", "report",
 )
-CPU_FALLBACK_ENGINE = "onnxruntime-cpu-fp32"
+CPU_FALLBACK_ENGINE = "onnxruntime-cpu-int8"  # the shipped model's int8 copy
 RUN_TIMEOUT_S = 900
 
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow, pytest.mark.slow]

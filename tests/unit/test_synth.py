@@ -322,3 +322,34 @@ def test_demo_cohort_renders_every_risk_category(tmp_path):
     references = _read_tsv(manifest.parent / "ground_truth" / "reference_scores.tsv")
     scored = [r["risk_category"] for r in references if r["expected_status"] == "scored"]
     assert set(scored) == set(ph.RISK_CATEGORIES) and scored.count("0") >= 2
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_cohort_is_never_written_over_another_cohorts_dicom(tmp_path):
+    """Another seed into the same folder would put its series beside the old ones in
+    the same visit folders, with ground truth for the new ones only: refused, naming
+    the folder. The same recipe again writes the same files."""
+    generate_cohort(tmp_path, n_participants=2, seed=1, size="tiny", workers=1)
+    first = _files(tmp_path / "dicom")
+    with pytest.raises(ValueError, match="would mix its series") as refused:
+        generate_cohort(tmp_path, n_participants=2, seed=2, size="tiny", workers=1)
+    assert str(tmp_path / "dicom") in str(refused.value)
+    assert _files(tmp_path / "dicom") == first  # nothing written
+    generate_cohort(tmp_path, n_participants=2, seed=1, size="tiny", workers=1)
+    assert _files(tmp_path / "dicom") == first
+
+
+def test_dicom_of_an_unrecorded_cohort_is_refused_too(tmp_path):
+    generate_cohort(tmp_path, n_participants=1, seed=1, size="tiny", workers=1)
+    (tmp_path / "cohort.json").unlink()  # as a folder written before the record existed
+    with pytest.raises(ValueError, match="DICOM from an earlier cohort"):
+        generate_cohort(tmp_path, n_participants=1, seed=1, size="tiny", workers=1)
+
+
+def test_the_cohort_record_holds_no_planted_identifier(tiny_cohort):
+    record = (tiny_cohort.parent / "cohort.json").read_text()
+    assert json.loads(record)["seed"] == 1
+    assert not [value for value in PLANTED.values() if value.split("{")[0] in record]

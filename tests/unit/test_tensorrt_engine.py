@@ -66,7 +66,8 @@ def test_fp16_onnx_export_is_fp16_and_agrees_with_fp32(tmp_path):
 
     torch.manual_seed(0)
     network = CalciumNet(N_INPUT_CHANNELS, (8, 8, 16, 16, 16)).eval()
-    export(network, TrainingConfig(work_dir=str(tmp_path), model_dir=str(tmp_path), widths=(8, 8, 16, 16, 16)), [])
+    export(network, TrainingConfig(work_dir=str(tmp_path), model_dir=str(tmp_path), widths=(8, 8, 16, 16, 16),
+                                   int8_calibration_phantoms=0), [])
     path = export_fp16_onnx(ModelFiles(tmp_path), tmp_path / "fp16.onnx")
     graph = onnx.load(str(path)).graph
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16

@@ -56,7 +56,8 @@ def _config(tmp_path, name, dataset):
     work.mkdir()
     (work / "dataset").symlink_to(dataset, target_is_directory=True)
     return TrainingConfig(work_dir=str(work), model_dir=str(work / "model"), n_volumes=2, steps=6,
-                          batch_size=2, widths=SMALL_NETWORK, checkpoint_every=1, workers=1, device="cpu")
+                          batch_size=2, widths=SMALL_NETWORK, checkpoint_every=1, workers=1, device="cpu",
+                          int8_calibration_phantoms=0)
 
 
 def _weights(config):
@@ -192,10 +193,19 @@ def test_cli_batch_size_is_the_number_of_crops_each_step_trains_on(tmp_path, two
     work.mkdir()
     (work / "dataset").symlink_to(two_phantom_dataset, target_is_directory=True)
     assert cli.main(["train", "--work-dir", str(work), "--model-dir", str(tmp_path / "model"), "--members", "2:2",
-                     "--batch-size", "3", "--device", "cpu", "--workers", "1"]) == 0
+                     "--batch-size", "3", "--device", "cpu", "--workers", "1", "--int8-calibration-phantoms", "0"]) == 0
     info = json.loads((tmp_path / "model" / "model.json").read_text())
     assert info["training"]["batch_size"] == 3
     assert [entry["step"] for entry in info["loss_history"]] == [2]
+    assert "int8" not in info and not (tmp_path / "model" / "calciumnet.int8.onnx").exists()
+
+
+@pytest.mark.parametrize("count", ["-1", "some"])
+def test_cli_refuses_a_negative_int8_calibration(tmp_path, capsys, count):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m"),
+                  "--int8-calibration-phantoms", count])
+    assert f"expected 0 or a positive integer, got {count!r}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("size", ["0", "-4", "eight"])
@@ -247,7 +257,7 @@ def test_model_json_records_the_pixel_spacing_its_recipe_trained_on(tmp_path, ac
     from cacflow.model.preprocessing import N_INPUT_CHANNELS
 
     config = TrainingConfig(work_dir=str(tmp_path), model_dir=str(tmp_path / "model"), widths=SMALL_NETWORK,
-                            acquisition=acquisition)
+                            acquisition=acquisition, int8_calibration_phantoms=0)
     training.export(build_network(N_INPUT_CHANNELS, SMALL_NETWORK).eval(), config, [])
     model = ModelFiles(tmp_path / "model")
     assert model.pixel_spacing_span == pytest.approx(span)

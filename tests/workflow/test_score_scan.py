@@ -42,7 +42,7 @@ def test_prints_every_scans_column_and_the_known_category(tiny_cohort):
     contract = set(tables.schema("scans").names) - {"shard", "reference_agatston_total", "reference_risk_category"}
     assert contract <= set(result), contract - set(result)
     assert result["participant_id"] is None and result["status"] == "scored"
-    assert result["engine"] == "onnxruntime-cpu-fp32"
+    assert result["engine"] == "onnxruntime-cpu-int8"  # the shipped model's int8 copy
     assert result["risk_category"] == reference[pid]["risk_category"]
     assert abs(sum(lesion["agatston"] for lesion in result["lesions"]) - result["agatston_total"]) < 1e-6
 

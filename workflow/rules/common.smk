@@ -29,6 +29,8 @@ def stage_settings(*sections):
 
 
 MODEL_FILES = ("model.json", "calciumnet.pt", "calciumnet.onnx")
+# The graph's 8-bit copy that the CPU engine runs; models trained before it lack it.
+OPTIONAL_MODEL_FILES = ("calciumnet.int8.onnx",)
 
 
 def model_setting():
@@ -40,7 +42,7 @@ def model_setting():
 
 def model_fingerprint(wildcards):
     """SHA-256 over the model's files. A param of the inference rules, so other weights,
-    ONNX graph or model.json, even in the same folder, rerun inference. An input
+    ONNX graphs or model.json, even in the same folder, rerun inference. An input
     function: only a run that infers needs the folder (`snakemake train` makes it)."""
     return _model_fingerprint()
 
@@ -56,7 +58,8 @@ def _model_fingerprint():
             "`snakemake train` (results/model), or leave it empty for the shipped model"
         )
     digest = hashlib.sha256()
-    for name in MODEL_FILES:
+    present = [name for name in OPTIONAL_MODEL_FILES if os.path.isfile(os.path.join(folder, name))]
+    for name in MODEL_FILES + tuple(present):
         with open(os.path.join(folder, name), "rb") as handle:
             digest.update(handle.read())
     return digest.hexdigest()

@@ -4,6 +4,9 @@ rule demo_cohort:
     output:
         manifest="results/demo/manifest.tsv",
         reference="results/demo/ground_truth/reference_scores.tsv",
+        # Declared so that Snakemake deletes it before generating again (another seed
+        # or size): a new cohort must not sit beside the old one's series.
+        dicom=directory("results/demo/dicom"),
     params:
         participants=config["demo"]["participants"],
         seed=config["demo"]["seed"],

@@ -27,6 +27,9 @@ rule evaluation_cohort:
     output:
         manifest=f"{EVALUATION_DIR}/cohort/manifest.tsv",
         reference=f"{EVALUATION_DIR}/cohort/ground_truth/reference_scores.tsv",
+        # Declared so that Snakemake deletes it before generating again (another seed:
+        # cohort B, docs/evaluation.md); the old cohort's series must not stay beside the new.
+        dicom=directory(f"{EVALUATION_DIR}/cohort/dicom"),
     params:
         participants=EVALUATION["participants"],
         seed=EVALUATION["seed"],

@@ -16,6 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
+from cacflow.model.engines import ENGINE_CHOICES
+
 NAME = "evaluate"
 HELP = "compare predicted scores with reference scores (kappa, sensitivity, ICC, Bland-Altman) as an HTML report"
 
@@ -44,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scoring = parser.add_argument_group("scoring a manifest first")
     scoring.add_argument("--score-manifest", type=Path, default=None,
                          help="score every visit of this manifest TSV into --predicted before evaluating")
-    scoring.add_argument("--engine", default=None, choices=["auto", "onnxruntime", "torch", "tensorrt"],
+    scoring.add_argument("--engine", default=None, choices=ENGINE_CHOICES,
                          help="inference engine (default: the config's)")
     scoring.add_argument("--model", default=None,
                          help="model folder, e.g. results/model after fine-tuning; relative to the current directory "

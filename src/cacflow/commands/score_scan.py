@@ -11,13 +11,15 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
+from cacflow.model.engines import ENGINE_CHOICES
+
 NAME = "score-scan"
 HELP = "score one visit's DICOM folder and print the result as JSON"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dicom_dir", type=Path, help="folder with the visit's DICOM files (any layout)")
-    parser.add_argument("--engine", default=None, choices=["auto", "onnxruntime", "torch", "tensorrt"],
+    parser.add_argument("--engine", default=None, choices=ENGINE_CHOICES,
                         help="inference engine (default: the config's, normally auto)")
     parser.add_argument("--model", default=None,
                         help="model folder, e.g. results/model after fine-tuning; relative to the current directory "

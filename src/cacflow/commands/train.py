@@ -7,6 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from cacflow.model.quantization import CALIBRATION_PHANTOMS
 from cacflow.training import ACQUISITION_RECIPES, TRAINING_DEVICES
 
 NAME = "train"
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: a CUDA GPU when torch sees one, else the CPU; cuda: fail without one")
     parser.add_argument("--init-weights", default=None,
                         help="start from these weights: 'packaged' (the shipped model) or a calciumnet.pt")
+    parser.add_argument("--int8-calibration-phantoms", type=_non_negative, default=CALIBRATION_PHANTOMS,
+                        help="phantoms calibrating the 8-bit copy of the graph that the CPU engine runs "
+                             "(0: write none; the CPU engine then runs the float graph)")
 
 
 def _positive(text: str) -> int:
@@ -45,6 +49,16 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
     return value
 
 
@@ -71,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         # A COCA fine-tune tunes whatever --init-weights holds: no member recipe.
         members=() if args.coca_root else args.members or SHIPPED_MEMBERS, steps=args.steps, workers=args.workers,
         coca_root=str(args.coca_root) if args.coca_root else None, init_weights=init_weights,
-        device=args.device, acquisition=args.acquisition,
+        device=args.device, acquisition=args.acquisition, int8_calibration_phantoms=args.int8_calibration_phantoms,
     )
     if args.learning_rate:
         config.learning_rate = args.learning_rate

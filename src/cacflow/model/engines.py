@@ -5,7 +5,9 @@ returns float32 logits ``[n, N_CLASSES, H, W]``. The engine is created once per
 job and reused for every scan (peers reload their model per image; we do not).
 
 ``auto`` picks TensorRT when it is importable and a GPU is present, else PyTorch
-on CUDA, else ONNX Runtime on the CPU.
+on CUDA, else ONNX Runtime on the CPU. ``onnxruntime`` runs the model's 8-bit copy
+of its graph when the model folder has one (``quantization``), and
+``onnxruntime-fp32`` the float graph.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINE_CHOICES = ("auto", "onnxruntime", "torch", "tensorrt")
+ENGINE_CHOICES = ("auto", "onnxruntime", "onnxruntime-fp32", "torch", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class ModelFiles:
         if found != expected:
             raise ValueError(f"the model in {self.directory} was trained for inputs {found}, but this cacflow "
                              f"prepares {expected}; retrain it with this version (`snakemake train`)")
+        if self.int8_problem():
+            raise ValueError(self.int8_problem())
         span = self.pixel_spacing_span
         if span is not None and not (isinstance(span, list) and len(span) == 2 and 0 < span[0] < span[1]):
             raise ValueError(f"model.json in {self.directory} has training_ranges.pixel_spacing_mm {span!r}; "
@@ -72,6 +76,26 @@ class ModelFiles:
     @property
     def onnx_path(self) -> Path:
         return self.directory / "calciumnet.onnx"
+
+    @property
+    def int8_onnx_path(self) -> Path:
+        """The graph's 8-bit copy (``quantization``): optional, older models lack it."""
+        return self.directory / "calciumnet.int8.onnx"
+
+    def int8_problem(self) -> str | None:
+        """Why this folder's int8 copy must not run, or None (also when it has none): it
+        must be the copy of this folder's float graph, as model.json records, not one
+        left from other weights."""
+        if not self.int8_onnx_path.is_file():
+            return None
+        from cacflow.model.quantization import file_sha256
+
+        recorded = (self.info.get("int8") or {}).get("float_onnx_sha256")
+        if recorded == file_sha256(self.onnx_path):
+            return None
+        return (f"{self.int8_onnx_path} is not the int8 copy of {self.onnx_path.name} in that folder "
+                f"({'model.json records no int8 copy' if recorded is None else 'it was made from another graph'}); "
+                "make it again with cacflow.training.refresh_int8, or delete it to run the float graph")
 
     @cached_property
     def info(self) -> dict:
@@ -136,17 +160,23 @@ class Engine(abc.ABC):
 
 
 class OnnxRuntimeEngine(Engine):
+    """ONNX Runtime on the CPU: the model's int8 graph when asked for and present (the
+    result rows then say ``onnxruntime-cpu-int8``), else the float one."""
+
     name = "onnxruntime"
 
-    def __init__(self, model: ModelFiles, threads: int | None = None):
+    def __init__(self, model: ModelFiles, threads: int | None = None, int8: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or _cpu_threads()
         options.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(
-            str(model.onnx_path), options, providers=["CPUExecutionProvider"]
-        )
+        graph = model.onnx_path
+        if int8 and model.int8_onnx_path.is_file():
+            if model.int8_problem():
+                raise ValueError(model.int8_problem())
+            graph, self.precision = model.int8_onnx_path, "int8"
+        self._session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         self._input_name = self._session.get_inputs()[0].name
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -208,8 +238,8 @@ def create_engine(kind: str = "auto", model: ModelFiles | None = None, threads: 
             kind = "torch"
         else:
             kind = "onnxruntime"
-    if kind == "onnxruntime":
-        return OnnxRuntimeEngine(model, threads)
+    if kind in ("onnxruntime", "onnxruntime-fp32"):
+        return OnnxRuntimeEngine(model, threads, int8=kind == "onnxruntime")
     if kind == "torch":
         return TorchEngine(model, threads)
     ok, why = tensorrt_available()

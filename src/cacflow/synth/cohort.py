@@ -20,6 +20,7 @@ identifiers written into the DICOM.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from cacflow.atomic import atomic_write_text
 from cacflow.synth.dicom_writer import localizer_from_phantom, uid, write_series
 from cacflow.synth.phantom import RISK_CATEGORIES, Phantom, PhantomSettings, generate_phantom, risk_category
 
@@ -326,6 +328,12 @@ def generate_cohort(
         raise ValueError("n_participants must be at least 1")
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    _claim_cohort_folder(out_dir, {
+        "seed": seed, "participants": n_participants, "size": size,
+        # A hash: the planted values are identifiers, and must not be written out.
+        "planted_identifiers_sha256": hashlib.sha256(
+            json.dumps(planted_identifiers or {}, sort_keys=True).encode()).hexdigest(),
+    })
     plans = _plans(n_participants, size, seed)
     jobs = [(out_dir, plan, seed, size, planted_identifiers) for plan in plans]
     workers = workers or min(2, os.cpu_count() or 1)
@@ -348,6 +356,23 @@ def generate_cohort(
         [{"participant_id": p.participant, "visit": p.visit, "dicom_dir": str(out_dir / "dicom" / p.participant / p.visit)} for p in plans],
     )
     return manifest
+
+
+def _claim_cohort_folder(out_dir: Path, recipe: dict) -> None:
+    """Record what the folder's cohort is (cohort.json), and refuse to write another
+    cohort over DICOM already there: its series would sit beside the old cohort's in
+    the same visit folders, the pipeline would pick either, and the ground truth would
+    describe only the new one (wrong scores, silently). The same recipe again writes
+    the same files, so it may."""
+    record = out_dir / "cohort.json"
+    dicom = out_dir / "dicom"
+    if dicom.is_dir() and any(dicom.iterdir()):
+        held = json.loads(record.read_text()) if record.is_file() else None
+        if held != recipe:
+            described = f"a cohort generated with {held}" if held else "DICOM from an earlier cohort"
+            raise ValueError(f"{out_dir} already holds {described}; a cohort with {recipe} would mix its series "
+                             f"with those in {dicom}: write it into an empty folder, or delete that folder first")
+    atomic_write_text(record, json.dumps(recipe) + "\n")
 
 
 def _check_categories(plans: list[_Visit], references: list[dict], size: str) -> None:

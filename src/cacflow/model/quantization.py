@@ -1,0 +1,130 @@
+"""An 8-bit integer copy of a model's ONNX graph, for the CPU engine.
+
+On 2 CPU cores the ensemble's convolutions are most of a gated scan's inference
+time, and they are bound by arithmetic; ONNX Runtime runs them in 8-bit integers in
+about 0.6x the time (README, Performance). ``quantize_model`` writes that copy,
+``calciumnet.int8.onnx``, beside the float graph, which stays the reference (the
+PyTorch, TensorRT and ``onnxruntime-fp32`` engines use the float weights).
+
+How it is quantized (ONNX Runtime static quantization, QDQ format):
+* weights per output channel, activations per tensor, with ranges set by the minimum
+  and maximum each activation takes on the network inputs of ``CALIBRATION_PHANTOMS``
+  phantoms drawn as for training (the training seed stream: no evaluation scan is
+  seen). Fixed phantoms and a fixed method make the copy reproducible.
+* weights in 7 bits (``reduce_range``): x86 CPUs without VNNI add pairs of 8-bit
+  products in 16 bits, which full 8-bit weights can overflow; with 7 the sums always
+  fit, so every x86 CPU computes the same integers.
+
+``parity`` measures the copy against the float graph on other phantoms of the same
+stream, where it matters: the class probabilities of coarse pixels holding calcium.
+The vote's labels on the validation phantoms are compared in docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+CALIBRATION_SEED = 20261126  # the training phantoms' stream (cacflow.training)
+CALIBRATION_PHANTOMS = 8  # phantoms 0-7 of the stream calibrate
+PARITY_PHANTOMS = 4  # phantoms 8-11 check
+
+
+def phantom_inputs(indices, seed: int = CALIBRATION_SEED) -> list[np.ndarray]:
+    """Network inputs [z, C, H, W] of training-stream phantoms ``indices``."""
+    from cacflow.model.preprocessing import network_inputs
+    from cacflow.synth.phantom import generate_phantom
+    from cacflow.training import training_phantom_settings
+
+    volumes = []
+    for index in indices:
+        rng = np.random.default_rng([seed, index])
+        settings = training_phantom_settings(rng)
+        phantom = generate_phantom(int(rng.integers(2**31)), settings)
+        volumes.append(network_inputs(phantom.hu, phantom.spacing_mm)[0])
+    return volumes
+
+
+def quantize_model(float_path: Path, int8_path: Path, calibration: list[np.ndarray]) -> None:
+    """Write the int8 copy of the ONNX graph ``float_path`` to ``int8_path`` (atomically)."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from cacflow.inference import BATCH_SLICES  # activation ranges seen on the engine's batches
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter([{"inputs": volume[i : i + BATCH_SLICES]}
+                                  for volume in calibration for i in range(0, len(volume), BATCH_SLICES)])
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    int8_path = Path(int8_path)
+    with tempfile.TemporaryDirectory(dir=int8_path.parent) as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        # Folds constants and infers shapes, so that every Conv gets quantized; the
+        # symbolic pass cannot size the dynamic height and width, the ONNX one can.
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+        written = Path(scratch) / "int8.onnx"
+        quantize_static(
+            str(prepared), str(written), Batches(), quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+            reduce_range=True, op_types_to_quantize=["Conv"], calibrate_method=CalibrationMethod.MinMax,
+        )
+        written.replace(int8_path)
+
+
+def parity(float_path: Path, int8_path: Path, volumes: list[np.ndarray]) -> dict:
+    """How far the int8 graph's class probabilities are from the float graph's, on
+    coarse pixels holding calcium (input channel 4 > 0): the largest difference, and
+    the share of those pixels whose most probable class is the same."""
+    import onnxruntime as ort
+
+    sessions = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for path in (float_path, int8_path)]
+    largest, same, pixels = 0.0, 0, 0
+    for volume in volumes:
+        float_p, int8_p = (_probabilities(session, volume) for session in sessions)
+        calcium = volume[:, 4] > 0
+        float_p, int8_p = (p.transpose(0, 2, 3, 1)[calcium] for p in (float_p, int8_p))
+        largest = max(largest, float(np.abs(float_p - int8_p).max(initial=0.0)))
+        same += int((float_p.argmax(axis=1) == int8_p.argmax(axis=1)).sum())
+        pixels += len(float_p)
+    return {"max_probability_diff": round(largest, 6), "calcium_pixels": pixels,
+            "same_class_share": same / pixels if pixels else 1.0}
+
+
+def _probabilities(session, volume: np.ndarray) -> np.ndarray:
+    from cacflow.inference import BATCH_SLICES
+
+    logits = np.concatenate([session.run(None, {"inputs": volume[i : i + BATCH_SLICES]})[0]
+                             for i in range(0, len(volume), BATCH_SLICES)])
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def export_int8(model_dir: Path, n_calibration: int = CALIBRATION_PHANTOMS, n_parity: int = PARITY_PHANTOMS) -> dict:
+    """Quantize ``model_dir``'s calciumnet.onnx into calciumnet.int8.onnx and return
+    what model.json records of it (calibration and parity)."""
+    model_dir = Path(model_dir)
+    float_path, int8_path = model_dir / "calciumnet.onnx", model_dir / "calciumnet.int8.onnx"
+    quantize_model(float_path, int8_path, phantom_inputs(range(n_calibration)))
+    check = parity(float_path, int8_path, phantom_inputs(range(n_calibration, n_calibration + n_parity)))
+    return {
+        "file": int8_path.name,
+        # Which float graph it copies: an engine refuses a copy of another (ModelFiles.int8_problem).
+        "float_onnx_sha256": file_sha256(float_path),
+        "method": "ONNX Runtime static QDQ: Conv weights int8 per channel (7-bit range), "
+                  "activations int8 per tensor, min/max calibration",
+        "calibration": {"seed": CALIBRATION_SEED, "phantoms": [0, n_calibration]},
+        "parity_vs_float": {"phantoms": [n_calibration, n_calibration + n_parity], **check},
+    }
