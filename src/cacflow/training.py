@@ -185,15 +185,20 @@ def randomised_phantom_settings(rng: np.random.Generator):
     )
 
 
-def _build_one(args) -> dict:
-    index, seed, acquisition, out_dir = args
-    from scipy import ndimage
-
+def training_phantom(seed: int, index: int, acquisition: str = "standard"):
+    """Phantom ``index`` of the training stream ``seed`` (what the dataset holds)."""
     from cacflow.synth.phantom import generate_phantom
 
     rng = np.random.default_rng([seed, index])
     settings = training_phantom_settings(rng, acquisition)
-    phantom = generate_phantom(int(rng.integers(2**31)), settings)
+    return generate_phantom(int(rng.integers(2**31)), settings)
+
+
+def _build_one(args) -> dict:
+    index, seed, acquisition, out_dir = args
+    from scipy import ndimage
+
+    phantom = training_phantom(seed, index, acquisition)
     inputs, grid = network_inputs(phantom.hu, phantom.spacing_mm)
     targets = network_targets(phantom.hu, phantom.coronary_labels, grid)
     # Hard negatives: non-coronary calcium within ~10 mm of a coronary artery (stents,
@@ -378,9 +383,10 @@ def _train_ensemble(config: TrainingConfig) -> dict:
     weights, members = [], []
     for k, (n_volumes, steps) in enumerate(config.members, 1):
         member_dir = Path(config.work_dir) / f"member{k}"
+        # A member is not run on its own in the workflow: no int8 copy of its graph.
         member = replace(config, work_dir=str(member_dir), model_dir=str(member_dir / "model"), members=(),
                          n_volumes=n_volumes, steps=steps, dataset_dir=str(config.data_dir),
-                         model_version=f"{config.model_version}-member{k}", notes={})
+                         model_version=f"{config.model_version}-member{k}", notes={}, int8_calibration_phantoms=0)
         info_path = member_dir / "model" / "model.json"
         if info_path.exists():
             info = json.loads(info_path.read_text())
@@ -502,7 +508,10 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), model_dir / "calciumnet.pt")
     max_error = export_onnx(network, model_dir / "calciumnet.onnx")
-    int8 = _export_int8(model_dir, config.int8_calibration_phantoms)
+    # A COCA fine-tune gets none: its copy would be calibrated and checked on phantoms,
+    # not on the real scans it was tuned for; the CPU engine then runs the float graph.
+    int8 = _export_int8(model_dir, 0 if config.coca_root else config.int8_calibration_phantoms,
+                        config.seed, config.acquisition)
     members_in_network = ensemble_size(network.state_dict())
     info = {
         "model_version": config.model_version,
@@ -524,7 +533,7 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
         "loss_history": history,
         **({"members": members} if members else {}),
     }
-    (model_dir / "model.json").write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(model_dir / "model.json", json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -560,29 +569,34 @@ def refresh_onnx(model_dir: str | Path, int8_calibration_phantoms: int = CALIBRA
     (0.3.0's ensemble softmax: README, Performance)."""
     from cacflow.model.engines import ModelFiles
 
-    model = ModelFiles(Path(model_dir)).checked()
+    # The int8 copy is about to be made again: a stale one must not stop the repair.
+    model = ModelFiles(Path(model_dir)).checked(check_int8=False)
     max_error = export_onnx(model.build_network(), model.onnx_path)
-    info = dict(model.info, onnx_max_abs_diff_vs_torch=max_error)
-    atomic_write_text(model.directory / "model.json", json.dumps(info, indent=2) + "\n")
+    info = {key: value for key, value in model.info.items() if key != "int8"}
+    atomic_write_text(model.directory / "model.json", json.dumps(dict(info, onnx_max_abs_diff_vs_torch=max_error),
+                                                                 indent=2) + "\n")
     refresh_int8(model.directory, int8_calibration_phantoms)
     return max_error
 
 
 def refresh_int8(model_dir: str | Path, int8_calibration_phantoms: int = CALIBRATION_PHANTOMS) -> dict:
-    """Write a trained model's int8 copy of its ONNX graph (again) and record it in
-    model.json; the float graph and the weights stay as they are. How the shipped
-    0.3.0 model got its copy (docs/evaluation.md)."""
+    """Write a trained model's int8 copy of its ONNX graph (again), calibrated on its own
+    training stream (model.json's seed and acquisition), and record it in model.json;
+    the float graph and the weights stay as they are. How the shipped 0.3.0 model got
+    its copy (docs/evaluation.md)."""
     model_dir = Path(model_dir)
     info = json.loads((model_dir / "model.json").read_text())
     info.pop("int8", None)
-    int8 = _export_int8(model_dir, int8_calibration_phantoms)
+    training = info.get("training", {})
+    int8 = _export_int8(model_dir, int8_calibration_phantoms, int(training.get("seed", TrainingConfig.seed)),
+                        training.get("acquisition", "standard"))
     if int8:
         info["int8"] = int8
     atomic_write_text(model_dir / "model.json", json.dumps(info, indent=2) + "\n")
     return int8
 
 
-def _export_int8(model_dir: Path, n_calibration: int) -> dict:
+def _export_int8(model_dir: Path, n_calibration: int, seed: int, acquisition: str) -> dict:
     """The int8 copy of the graph (``cacflow.model.quantization``) and what model.json
     records of it; with no calibration phantoms, none, and no stale copy left behind."""
     from cacflow.model.quantization import export_int8
@@ -590,7 +604,7 @@ def _export_int8(model_dir: Path, n_calibration: int) -> dict:
     if n_calibration <= 0:
         (model_dir / "calciumnet.int8.onnx").unlink(missing_ok=True)
         return {}
-    return export_int8(model_dir, n_calibration)
+    return export_int8(model_dir, n_calibration, seed=seed, acquisition=acquisition)
 
 
 def _training_ranges(config: TrainingConfig) -> dict:

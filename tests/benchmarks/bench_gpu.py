@@ -17,7 +17,7 @@ Engines measured (each where it can run):
 - ``torch-fp16-graph``: the same captured in a CUDA graph per batch shape, to see
   whether graphs help this small network (launch overhead);
 - ``tensorrt``: the shipped TensorRT engine (cached fp16 engine), if installed;
-- ``onnxruntime-cpu``: the CPU engine, for scale.
+- ``onnxruntime-cpu``: the CPU engine (the model's int8 copy, as a CPU node runs it), for scale.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def engines_to_measure(device: str) -> dict:
             engines["tensorrt"] = TensorRTEngine(model)
         else:
             print(f"tensorrt not measured: {why}")
-    engines["onnxruntime-cpu"] = OnnxRuntimeEngine(model)
+    engines["onnxruntime-cpu"] = OnnxRuntimeEngine(model, int8=True)  # what a CPU node runs (int8 copy)
     return engines
 
 

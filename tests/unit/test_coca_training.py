@@ -16,7 +16,7 @@ import torch
 
 from cacflow import cli
 from cacflow.coca import label_volume, read_calcium_xml, read_dicom_series, reference_table
-from cacflow.model.engines import ModelFiles
+from cacflow.model.engines import ModelFiles, create_engine
 from cacflow.synth.coca_export import SERIES_FOLDER, pixel_outlines, write_coca_patient
 from cacflow.synth.phantom import PhantomSettings, generate_phantom
 
@@ -71,7 +71,7 @@ def coca_root(tmp_path_factory):
 def _train(tmp_path, coca_root, *extra):
     work, model = tmp_path / "work", tmp_path / "model"
     assert cli.main(["train", "--work-dir", str(work), "--model-dir", str(model), "--coca-root", str(coca_root),
-                     "--init-weights", "packaged", "--workers", "1", "--int8-calibration-phantoms", "0", *extra]) == 0
+                     "--init-weights", "packaged", "--workers", "1", *extra]) == 0
     return work, model
 
 
@@ -94,6 +94,10 @@ def test_fine_tuning_on_coca_starts_from_the_shipped_model(tmp_path, coca_root):
     assert len(learned) > 10
     assert max(float((shipped[k] - tuned[k]).abs().max()) for k in learned) < 1e-4
     assert (model / "calciumnet.onnx").is_file()
+    # No int8 copy: it would be calibrated on phantoms, not on the real scans it was tuned
+    # for, so the CPU engine runs the float graph of a fine-tuned model.
+    assert not (model / "calciumnet.int8.onnx").exists() and "int8" not in info
+    assert ModelFiles(model).checked() and create_engine("onnxruntime", ModelFiles(model)).label == "onnxruntime-cpu-fp32"
 
 
 def test_coca_targets_carry_the_readers_arteries(tmp_path, coca_root):

@@ -39,7 +39,7 @@ def reference(scans):
 def engines():
     model = ModelFiles.packaged()
     yield OnnxRuntimeEngine(model, int8=False)
-    yield OnnxRuntimeEngine(model)  # the shipped int8 copy, what the CPU runs by default
+    yield OnnxRuntimeEngine(model, int8=True)  # the shipped int8 copy, what the CPU runs by default
     available, why = tensorrt_available()
     if available:
         from cacflow.model.tensorrt_engine import TensorRTEngine

@@ -125,7 +125,7 @@ def test_the_shipped_ensemble_graph_has_no_onnx_softmax_and_matches_its_weights(
     assert model.ensemble_size == 2
     assert "Softmax" not in _onnx_ops(model.onnx_path)
     batch = np.random.default_rng(3).normal(size=(2, N_INPUT_CHANNELS, 64, 96)).astype(np.float32)
-    np.testing.assert_allclose(OnnxRuntimeEngine(model, threads=1, int8=False)(batch), TorchEngine(model, threads=1)(batch),
+    np.testing.assert_allclose(OnnxRuntimeEngine(model, threads=1)(batch), TorchEngine(model, threads=1)(batch),
                                atol=1e-4, rtol=1e-4)
 
 

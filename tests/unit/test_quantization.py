@@ -2,6 +2,7 @@
 it must give the float graph's labels, fit every x86 CPU's integer kernels, and be
 reproducible from the weights."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -58,7 +59,8 @@ def test_shipped_int8_weights_use_seven_bits_so_no_x86_kernel_overflows():
 def test_shipped_model_json_records_how_its_int8_copy_was_made_and_checked():
     record = SHIPPED.info["int8"]
     assert record["file"] == SHIPPED.int8_onnx_path.name
-    assert record["calibration"] == {"seed": 20261126, "phantoms": [0, 8]}
+    assert record["sha256"] == hashlib.sha256(SHIPPED.int8_onnx_path.read_bytes()).hexdigest()
+    assert record["calibration"] == {"seed": 20261126, "acquisition": "standard", "phantoms": [0, 8]}
     assert record["parity_vs_float"]["same_class_share"] > 0.999
     assert record["parity_vs_float"]["calcium_pixels"] > 10000
 
@@ -86,7 +88,7 @@ def test_export_writes_the_int8_copy_and_model_json_records_it(small_model):
 def test_quantizing_the_same_graph_on_the_same_phantoms_gives_the_same_file(small_model, tmp_path):
     from cacflow.model.quantization import phantom_inputs
 
-    calibration = phantom_inputs([0])
+    calibration = phantom_inputs([0], seed=20261126)  # what export calibrated on
     quantize_model(small_model.onnx_path, tmp_path / "again.onnx", calibration)
     assert (tmp_path / "again.onnx").read_bytes() == small_model.int8_onnx_path.read_bytes()
 
@@ -113,30 +115,64 @@ def test_without_calibration_phantoms_no_copy_is_written_and_a_stale_one_is_remo
     assert create_engine("onnxruntime", ModelFiles(folder), threads=1).label == "onnxruntime-cpu-fp32"
 
 
-def test_an_int8_copy_of_other_weights_is_refused_not_run(small_model, tmp_path):
-    """New weights and float graph copied into a folder that still holds the old int8
-    copy: the CPU engine would score with the old weights. Refused, saying what to do;
-    the float graph still runs."""
+def _copy(model: ModelFiles, folder):
     import shutil
 
-    from cacflow.training import export_onnx
+    shutil.copytree(model.directory, folder)
+    return ModelFiles(folder)
 
-    folder = tmp_path / "model"
-    shutil.copytree(small_model.directory, folder)
+
+def test_an_old_int8_copy_beside_new_weights_is_refused_not_run(small_model, tmp_path):
+    """A new model (weights, float graph, model.json) copied over a folder that still
+    holds the old int8 copy: the CPU engine would score with the old weights while the
+    rows name the new ones. The folder is refused (by ModelFiles.checked: the workflow,
+    score-scan and evaluate stop before any scan), saying what to do."""
+    torch.manual_seed(1)
+    other = tmp_path / "other"
+    export(CalciumNet(N_INPUT_CHANNELS, SMALL_NETWORK).eval(),
+           TrainingConfig(work_dir=str(other), model_dir=str(other), widths=SMALL_NETWORK,
+                          int8_calibration_phantoms=1), history=[])
+    stale = _copy(small_model, tmp_path / "model")
+    for name in ("calciumnet.pt", "calciumnet.onnx", "model.json"):
+        (stale.directory / name).write_bytes((other / name).read_bytes())
+    with pytest.raises(ValueError, match="not the copy model.json records.*refresh_int8"):
+        ModelFiles(stale.directory).checked()
+    with pytest.raises(ValueError, match="not the int8 copy"):
+        create_engine("onnxruntime", ModelFiles(stale.directory), threads=1)
+
+
+def test_a_new_float_graph_beside_the_old_copy_is_refused_and_refresh_onnx_mends_it(small_model, tmp_path):
+    from cacflow.training import export_onnx, refresh_onnx
+
+    folder = _copy(small_model, tmp_path / "model").directory
     torch.manual_seed(1)
     export_onnx(CalciumNet(N_INPUT_CHANNELS, SMALL_NETWORK).eval(), folder / "calciumnet.onnx")
-    stale = ModelFiles(folder)
-    with pytest.raises(ValueError, match="made from another graph.*refresh_int8"):
-        stale.checked()
-    with pytest.raises(ValueError, match="not the int8 copy"):
-        create_engine("onnxruntime", stale, threads=1)
-    assert create_engine("onnxruntime-fp32", stale, threads=1).label == "onnxruntime-cpu-fp32"
+    with pytest.raises(ValueError, match="made from another graph"):
+        ModelFiles(folder).checked()
+    refresh_onnx(folder, int8_calibration_phantoms=1)
+    assert ModelFiles(folder).checked().int8_problem() is None
 
+
+def test_an_int8_copy_model_json_does_not_record_is_refused(small_model, tmp_path):
+    folder = _copy(small_model, tmp_path / "model").directory
     info = json.loads((folder / "model.json").read_text())
     del info["int8"]
     (folder / "model.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="model.json records no int8 copy"):
         ModelFiles(folder).checked()
+
+
+def test_a_copy_that_fails_the_parity_check_is_not_kept(small_model, tmp_path, monkeypatch):
+    """The rule itself, with a bar no copy can pass: the file is removed, model.json says
+    why, and the CPU engine runs the float graph."""
+    from cacflow.model import quantization
+
+    folder = _copy(small_model, tmp_path / "model").directory
+    monkeypatch.setattr(quantization, "MIN_SAME_CLASS_SHARE", 1.01)
+    record = quantization.export_int8(folder, 1, seed=20261126, n_parity=1)
+    assert record["not_kept"] == "parity check failed" and record["file"] is None
+    assert not (folder / "calciumnet.int8.onnx").exists()
+    assert create_engine("onnxruntime", ModelFiles(folder), threads=1).label == "onnxruntime-cpu-fp32"
 
 
 def test_the_shipped_int8_copy_is_of_the_shipped_float_graph():

@@ -21,6 +21,9 @@ def run(args: argparse.Namespace) -> int:
     from cacflow.synth.cohort import generate_cohort  # heavy imports only when the command runs
 
     start = time.perf_counter()
-    manifest = generate_cohort(args.out_dir, args.participants, args.seed, size=args.size, workers=args.workers)
+    try:
+        manifest = generate_cohort(args.out_dir, args.participants, args.seed, size=args.size, workers=args.workers)
+    except ValueError as error:  # a folder holding another cohort: say so, no traceback
+        raise SystemExit(f"cacflow synth: {error}") from None
     print(f"wrote {manifest} ({time.perf_counter() - start:.1f} s); ground truth in {manifest.parent / 'ground_truth'}")
     return 0

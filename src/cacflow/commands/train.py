@@ -42,24 +42,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(0: write none; the CPU engine then runs the float graph)")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _integer_from(minimum: int, expected: str):
+    """An argparse type: an integer of at least ``minimum``, else the message ``expected``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
-    return value
+_positive = _integer_from(1, "a positive integer")
+_non_negative = _integer_from(0, "0 or a positive integer")
 
 
 def _members(text: str) -> tuple[tuple[int, int], ...]:

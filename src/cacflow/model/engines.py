@@ -43,9 +43,11 @@ class ModelFiles:
         model, checked before any scan is read."""
         return cls.packaged() if not directory else cls(Path(directory)).checked()
 
-    def checked(self) -> "ModelFiles":
+    def checked(self, check_int8: bool = True) -> "ModelFiles":
         """Raise ValueError, saying what to fix, unless this folder holds a model this
-        version of cacflow can run (its files, and the input contract it was trained on)."""
+        version of cacflow can run (its files, the input contract it was trained on, and
+        an int8 copy, if any, that is of these weights: whichever engine runs, a folder
+        whose files disagree is not scored)."""
         from cacflow.model.network import N_CLASSES
         from cacflow.model.preprocessing import N_INPUT_CHANNELS, TARGET_SPACING_MM
 
@@ -61,8 +63,9 @@ class ModelFiles:
         if found != expected:
             raise ValueError(f"the model in {self.directory} was trained for inputs {found}, but this cacflow "
                              f"prepares {expected}; retrain it with this version (`snakemake train`)")
-        if self.int8_problem():
-            raise ValueError(self.int8_problem())
+        problem = self.int8_problem() if check_int8 else None
+        if problem:
+            raise ValueError(problem)
         span = self.pixel_spacing_span
         if span is not None and not (isinstance(span, list) and len(span) == 2 and 0 < span[0] < span[1]):
             raise ValueError(f"model.json in {self.directory} has training_ranges.pixel_spacing_mm {span!r}; "
@@ -84,17 +87,22 @@ class ModelFiles:
 
     def int8_problem(self) -> str | None:
         """Why this folder's int8 copy must not run, or None (also when it has none): it
-        must be the copy of this folder's float graph, as model.json records, not one
-        left from other weights."""
+        must be the file model.json records, made from this folder's float graph, not
+        one left from other weights (say, new weights copied over a trained folder)."""
         if not self.int8_onnx_path.is_file():
             return None
         from cacflow.model.quantization import file_sha256
 
-        recorded = (self.info.get("int8") or {}).get("float_onnx_sha256")
-        if recorded == file_sha256(self.onnx_path):
+        record = self.info.get("int8") or {}
+        if not record.get("sha256"):
+            why = "model.json records no int8 copy"
+        elif record["sha256"] != file_sha256(self.int8_onnx_path):
+            why = "it is not the copy model.json records"
+        elif record.get("float_onnx_sha256") != file_sha256(self.onnx_path):
+            why = "it was made from another graph"
+        else:
             return None
-        return (f"{self.int8_onnx_path} is not the int8 copy of {self.onnx_path.name} in that folder "
-                f"({'model.json records no int8 copy' if recorded is None else 'it was made from another graph'}); "
+        return (f"{self.int8_onnx_path} is not the int8 copy of {self.onnx_path.name} in that folder ({why}); "
                 "make it again with cacflow.training.refresh_int8, or delete it to run the float graph")
 
     @cached_property
@@ -160,12 +168,13 @@ class Engine(abc.ABC):
 
 
 class OnnxRuntimeEngine(Engine):
-    """ONNX Runtime on the CPU: the model's int8 graph when asked for and present (the
-    result rows then say ``onnxruntime-cpu-int8``), else the float one."""
+    """ONNX Runtime on the CPU: the model's int8 graph when asked for (``int8``, as the
+    ``onnxruntime`` engine choice does) and present (the result rows then say
+    ``onnxruntime-cpu-int8``), else the float one."""
 
     name = "onnxruntime"
 
-    def __init__(self, model: ModelFiles, threads: int | None = None, int8: bool = True):
+    def __init__(self, model: ModelFiles, threads: int | None = None, int8: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -173,8 +182,9 @@ class OnnxRuntimeEngine(Engine):
         options.inter_op_num_threads = 1
         graph = model.onnx_path
         if int8 and model.int8_onnx_path.is_file():
-            if model.int8_problem():
-                raise ValueError(model.int8_problem())
+            problem = model.int8_problem()
+            if problem:
+                raise ValueError(problem)
             graph, self.precision = model.int8_onnx_path, "int8"
         self._session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         self._input_name = self._session.get_inputs()[0].name

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -366,12 +367,16 @@ def _claim_cohort_folder(out_dir: Path, recipe: dict) -> None:
     the same files, so it may."""
     record = out_dir / "cohort.json"
     dicom = out_dir / "dicom"
+    held = json.loads(record.read_text()) if record.is_file() else None
     if dicom.is_dir() and any(dicom.iterdir()):
-        held = json.loads(record.read_text()) if record.is_file() else None
         if held != recipe:
-            described = f"a cohort generated with {held}" if held else "DICOM from an earlier cohort"
+            described = f"a cohort generated with {held}" if held else "DICOM from an earlier cohort (unrecorded)"
             raise ValueError(f"{out_dir} already holds {described}; a cohort with {recipe} would mix its series "
                              f"with those in {dicom}: write it into an empty folder, or delete that folder first")
+    elif held is not None and held != recipe:
+        # The old cohort's DICOM is gone (Snakemake deletes it before generating again);
+        # its per-visit truth must go too, or visits the new cohort lacks would keep it.
+        shutil.rmtree(out_dir / "ground_truth", ignore_errors=True)
     atomic_write_text(record, json.dumps(recipe) + "\n")
 
 
