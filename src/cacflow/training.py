@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from cacflow.atomic import atomic_write_text
+from cacflow.model.engines import file_sha256
 from cacflow.model.quantization import CALIBRATION_PHANTOMS
 from cacflow.model.preprocessing import (
     IGNORE_INDEX,
@@ -400,7 +401,7 @@ def _train_ensemble(config: TrainingConfig) -> dict:
             log.info("member %d of %d: %d phantoms, %d steps", k, len(config.members), n_volumes, steps)
             info = _train_network(member)
         weights.append(torch.load(member_dir / "model" / "calciumnet.pt", map_location="cpu", weights_only=True))
-        members.append({"n_volumes": n_volumes, "steps": steps, "weights_sha256": _sha256(member_dir / "model" / "calciumnet.pt"),
+        members.append({"n_volumes": n_volumes, "steps": steps, "weights_sha256": file_sha256(member_dir / "model" / "calciumnet.pt"),
                         "trained_on": info["training"]["notes"].get("trained_on"), "loss_history": info["loss_history"]})
     ensemble = CalciumEnsemble(N_INPUT_CHANNELS, config.widths, len(weights))
     ensemble.load_state_dict({f"members.{k}.{name}": value for k, state in enumerate(weights) for name, value in state.items()})
@@ -418,7 +419,7 @@ def _initial_network(config: TrainingConfig):
     state = torch.load(config.init_weights, map_location="cpu", weights_only=True)
     network = build_network(N_INPUT_CHANNELS, config.widths, ensemble_size(state))
     network.load_state_dict(state)
-    config.notes["initial_weights_sha256"] = _sha256(config.init_weights)
+    config.notes["initial_weights_sha256"] = file_sha256(config.init_weights)
     return network
 
 
@@ -489,12 +490,6 @@ def _train_network(config: TrainingConfig) -> dict:
             tmp.replace(checkpoint_path)
     network.to("cpu").eval()
     return export(network, config, history)
-
-
-def _sha256(path: str | Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def export(network, config: TrainingConfig, history: list, members: list | None = None) -> dict:

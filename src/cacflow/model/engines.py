@@ -26,6 +26,11 @@ import numpy as np
 ENGINE_CHOICES = ("auto", "onnxruntime", "onnxruntime-fp32", "torch", "tensorrt")
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes: weights and graphs are identified by it."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 @dataclass(frozen=True)
 class ModelFiles:
     """A trained model on disk: PyTorch weights (the source of truth), the ONNX
@@ -91,8 +96,6 @@ class ModelFiles:
         one left from other weights (say, new weights copied over a trained folder)."""
         if not self.int8_onnx_path.is_file():
             return None
-        from cacflow.model.quantization import file_sha256
-
         record = self.info.get("int8") or {}
         if not record.get("sha256"):
             why = "model.json records no int8 copy"
@@ -139,7 +142,7 @@ class ModelFiles:
     @cached_property
     def sha256(self) -> str:
         """Hash of the weights: provenance for every result row."""
-        return hashlib.sha256(self.torch_path.read_bytes()).hexdigest()
+        return file_sha256(self.torch_path)
 
     def build_network(self):
         """The PyTorch network with the trained weights loaded (eval mode)."""

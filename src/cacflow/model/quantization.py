@@ -26,7 +26,6 @@ compared in docs/evaluation.md.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 from pathlib import Path
@@ -39,10 +38,6 @@ PARITY_PHANTOMS = 4  # the next 4 check
 MIN_SAME_CLASS_SHARE = 0.999
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def phantom_inputs(indices, seed: int, acquisition: str = "standard") -> list[np.ndarray]:
@@ -124,6 +119,8 @@ def export_int8(model_dir: Path, n_calibration: int = CALIBRATION_PHANTOMS, *, s
     and checked on phantoms of the training stream ``seed`` / ``acquisition``, and
     return what model.json records of it. A copy that fails the parity check is removed
     and the record says why."""
+    from cacflow.model.engines import file_sha256
+
     model_dir = Path(model_dir)
     float_path, int8_path = model_dir / "calciumnet.onnx", model_dir / "calciumnet.int8.onnx"
     quantize_model(float_path, int8_path, phantom_inputs(range(n_calibration), seed, acquisition))
