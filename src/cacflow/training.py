@@ -73,6 +73,9 @@ class TrainingConfig:
     dataset_dir: str | None = None  # None: work_dir/dataset
     # Phantom acquisitions (ACQUISITION_RECIPES): "standard" (the shipped model's) or "wide".
     acquisition: str = "standard"
+    # Training phantoms also hold calcified blobs scattered through the chest away from
+    # the coronary arteries (PhantomSettings.scattered_calcium): negatives of any look.
+    scattered_calcium: bool = False
     # Phantoms that calibrate the int8 copy of the graph for the CPU engine
     # (cacflow.model.quantization); 0 writes none (that engine then runs the float graph).
     int8_calibration_phantoms: int = CALIBRATION_PHANTOMS
@@ -186,20 +189,20 @@ def randomised_phantom_settings(rng: np.random.Generator):
     )
 
 
-def training_phantom(seed: int, index: int, acquisition: str = "standard"):
+def training_phantom(seed: int, index: int, acquisition: str = "standard", scattered_calcium: bool = False):
     """Phantom ``index`` of the training stream ``seed`` (what the dataset holds)."""
     from cacflow.synth.phantom import generate_phantom
 
     rng = np.random.default_rng([seed, index])
-    settings = training_phantom_settings(rng, acquisition)
+    settings = replace(training_phantom_settings(rng, acquisition), scattered_calcium=scattered_calcium)
     return generate_phantom(int(rng.integers(2**31)), settings)
 
 
 def _build_one(args) -> dict:
-    index, seed, acquisition, out_dir = args
+    index, seed, acquisition, scattered_calcium, out_dir = args
     from scipy import ndimage
 
-    phantom = training_phantom(seed, index, acquisition)
+    phantom = training_phantom(seed, index, acquisition, scattered_calcium)
     inputs, grid = network_inputs(phantom.hu, phantom.spacing_mm)
     targets = network_targets(phantom.hu, phantom.coronary_labels, grid)
     # Hard negatives: non-coronary calcium within ~10 mm of a coronary artery (stents,
@@ -214,9 +217,9 @@ def _build_one(args) -> dict:
 def build_dataset(config: TrainingConfig) -> Path:
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    _claim_dataset(data_dir, {"seed": config.seed, "acquisition": config.acquisition})
+    _claim_dataset(data_dir, _dataset_recipe(config))
     todo = [
-        (i, config.seed, config.acquisition, data_dir)
+        (i, config.seed, config.acquisition, config.scattered_calcium, data_dir)
         for i in range(config.n_volumes)
         if not (data_dir / f"{i:05d}_targets.npy").exists()
     ]
@@ -228,6 +231,16 @@ def build_dataset(config: TrainingConfig) -> Path:
                 rate = done / (time.perf_counter() - started)
                 log.info("dataset: %d/%d volumes (%.2f/s, %.0f s left)", done, len(todo), rate, (len(todo) - done) / rate)
     return data_dir
+
+
+def _dataset_recipe(config: TrainingConfig) -> dict:
+    """What the phantoms of a dataset folder depend on (dataset.json). The scattered
+    calcium is named only when asked for, so folders written before it existed keep
+    their recipe."""
+    recipe = {"seed": config.seed, "acquisition": config.acquisition}
+    if config.scattered_calcium:
+        recipe["scattered_calcium"] = True
+    return recipe
 
 
 def _claim_dataset(data_dir: Path, recipe: dict) -> None:
@@ -506,7 +519,7 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
     # A COCA fine-tune gets none: its copy would be calibrated and checked on phantoms,
     # not on the real scans it was tuned for; the CPU engine then runs the float graph.
     int8 = _export_int8(model_dir, 0 if config.coca_root else config.int8_calibration_phantoms,
-                        config.seed, config.acquisition)
+                        config.seed, config.acquisition, config.scattered_calcium)
     members_in_network = ensemble_size(network.state_dict())
     info = {
         "model_version": config.model_version,
@@ -584,14 +597,15 @@ def refresh_int8(model_dir: str | Path, int8_calibration_phantoms: int = CALIBRA
     info.pop("int8", None)
     training = info.get("training", {})
     int8 = _export_int8(model_dir, int8_calibration_phantoms, int(training.get("seed", TrainingConfig.seed)),
-                        training.get("acquisition", "standard"))
+                        training.get("acquisition", "standard"), bool(training.get("scattered_calcium", False)))
     if int8:
         info["int8"] = int8
     atomic_write_text(model_dir / "model.json", json.dumps(info, indent=2) + "\n")
     return int8
 
 
-def _export_int8(model_dir: Path, n_calibration: int, seed: int, acquisition: str) -> dict:
+def _export_int8(model_dir: Path, n_calibration: int, seed: int, acquisition: str,
+                 scattered_calcium: bool = False) -> dict:
     """The int8 copy of the graph (``cacflow.model.quantization``) and what model.json
     records of it; with no calibration phantoms, none, and no stale copy left behind."""
     from cacflow.model.quantization import export_int8
@@ -599,7 +613,8 @@ def _export_int8(model_dir: Path, n_calibration: int, seed: int, acquisition: st
     if n_calibration <= 0:
         (model_dir / "calciumnet.int8.onnx").unlink(missing_ok=True)
         return {}
-    return export_int8(model_dir, n_calibration, seed=seed, acquisition=acquisition)
+    return export_int8(model_dir, n_calibration, seed=seed, acquisition=acquisition,
+                       scattered_calcium=scattered_calcium)
 
 
 def _training_ranges(config: TrainingConfig) -> dict:
@@ -614,7 +629,8 @@ def _training_ranges(config: TrainingConfig) -> dict:
 
 
 def _phantom_scorer(model_dir: str, workers: int, engine: str = "onnxruntime"):
-    """phantom -> (its ScanScore, the Agatston range over the model's unsure decisions),
+    """phantom -> (its ScanScore, the Agatston range over the model's unsure decisions,
+    the voxel labels),
     with the exported ONNX model of ``model_dir`` (loaded once) on ``engine``:
     ``onnxruntime`` (its int8 copy when it has one, as the workflow on a CPU) or
     ``onnxruntime-fp32``."""
@@ -629,7 +645,7 @@ def _phantom_scorer(model_dir: str, workers: int, engine: str = "onnxruntime"):
         where = {"z_positions_mm": phantom.z_positions_mm}
         result = score_volume(phantom.hu, segmentation.labels, phantom.spacing_mm, **where)
         return result, agatston_range(phantom.hu, segmentation.labels, segmentation.flipped_labels,
-                                      phantom.spacing_mm, **where)
+                                      phantom.spacing_mm, **where), segmentation.labels
 
     score.engine = segmenter.engine.label  # e.g. onnxruntime-cpu-int8: recorded with the figures
     return score
@@ -689,7 +705,7 @@ def holdout_check(model_dir: str, n_scans: int = 40, seed: int = 99_000_001, wor
         if change is not None:
             settings = ACQUISITION_CHANGES[change](settings, change_rng)
         phantom = generate_phantom(int(rng.integers(2**31)), settings)
-        predicted, predicted_range = score(phantom)
+        predicted, predicted_range, _ = score(phantom)
         rows.append({
             "gated": settings.gated, "slice_thickness_mm": settings.slice_thickness_mm,
             "pixel_spacing_mm": settings.pixel_spacing_mm, "kvp": settings.kvp,
@@ -746,21 +762,87 @@ def noncoronary_check(model_dir: str, n_scans: int = 40, seed: int = 31_000_001,
         kinds = noncoronary_calcium(phantom)
         if not kinds:
             continue
-        predicted, predicted_range = score(phantom)
+        predicted, predicted_range, _ = score(phantom)
         devices = sorted({d["kind"] for d in phantom.distractors} & {"stent", "sternal_wires", "pacemaker_lead"})
         rows.append({"gated": settings.gated, "noncoronary_calcium": kinds, "devices": ";".join(devices),
                      "reference": phantom.reference["agatston_total"], "predicted": predicted.agatston_total,
                      **_range_columns(predicted_range)})
         log.info("noncoronary %d/%d: %s%s, predicted %.1f", len(rows), n_scans, kinds,
                  f" + {';'.join(devices)}" if devices else "", predicted.agatston_total)
+    return {**_zero_scan_summary(rows, seed, score.engine), "scans": rows}
+
+
+def _zero_scan_summary(rows: list[dict], seed: int, engine: str) -> dict:
+    """Figures of a check on scans without coronary calcium: the share scored 0, all,
+    gated and non-gated, and the review flag's counts (every non-zero score is wrong)."""
     zero = [r["predicted"] == 0 for r in rows]
     return {
-        "n_scans": n_scans,
+        "n_scans": len(rows),
         "seed": seed,
-        "engine": score.engine,
+        "engine": engine,
         "share_scored_zero": float(np.mean(zero)),
         "share_scored_zero_gated": float(np.mean([z for z, r in zip(zero, rows) if r["gated"]] or [np.nan])),
         "share_scored_zero_nongated": float(np.mean([z for z, r in zip(zero, rows) if not r["gated"]] or [np.nan])),
         **_flag_summary(rows, [not z for z in zero]),
+    }
+
+
+def unfamiliar_calcium_check(model_dir: str, n_scans: int = 40, seed: int = 41_000_001, workers: int = 2,
+                             engine: str = "onnxruntime") -> dict:
+    """Like ``noncoronary_check``, with calcium of kinds the training phantoms never
+    hold (``UNFAMILIAR_CALCIUM_KINDS``: lung granulomas, hilar lymph nodes, costal
+    cartilage, breast arteries) beside the usual distractors, and no coronary calcium:
+    the share scored 0, and for each scan scored above 0 the kinds of calcium the
+    model called coronary. How a model trained on a simulator meets calcium it has not
+    learnt, as it will in real chest CT. Phantoms without such calcium visible are
+    drawn again."""
+    from cacflow.synth.phantom import UNFAMILIAR_CALCIUM_KINDS, generate_phantom
+
+    score = _phantom_scorer(model_dir, workers, engine)
+    rng = np.random.default_rng(seed)
+    rows = []
+    while len(rows) < n_scans:
+        settings = replace(randomised_phantom_settings(rng), n_coronary_lesions=0, unfamiliar_calcium=True)
+        phantom = generate_phantom(int(rng.integers(2**31)), settings)
+        kinds = sorted({d["kind"] for d in phantom.distractors
+                        if d["kind"] in UNFAMILIAR_CALCIUM_KINDS and d["agatston_if_scored"] > 0})
+        if not kinds:
+            continue
+        predicted, predicted_range, labels = score(phantom)
+        rows.append({"gated": settings.gated, "unfamiliar_calcium": ";".join(kinds),
+                     "reference": phantom.reference["agatston_total"], "predicted": predicted.agatston_total,
+                     "called_coronary": ";".join(_called_coronary(phantom, labels)),
+                     **_range_columns(predicted_range)})
+        log.info("unfamiliar %d/%d: %s, predicted %.1f %s", len(rows), n_scans, rows[-1]["unfamiliar_calcium"],
+                 predicted.agatston_total, rows[-1]["called_coronary"])
+    called = [kind for r in rows for kind in r["called_coronary"].split(";") if kind]
+    return {
+        **_zero_scan_summary(rows, seed, score.engine),
+        "scans_with_kind": {k: sum(k in r["unfamiliar_calcium"].split(";") for r in rows)
+                            for k in UNFAMILIAR_CALCIUM_KINDS},
+        "scans_calling_kind_coronary": {k: called.count(k) for k in sorted(set(called))},
         "scans": rows,
     }
+
+
+def _called_coronary(phantom, labels: np.ndarray) -> list[str]:
+    """The kinds of the generated calcified objects that the model labelled coronary,
+    matched by distance: each labelled in-slice component goes to the object whose
+    ellipsoid (plus 2 mm) holds its centroid, else to ``other`` (bone, noise, devices)."""
+    from scipy import ndimage
+
+    from cacflow.inference import IN_PLANE_8_CONNECTED
+
+    components, n = ndimage.label(labels > 0, structure=IN_PLANE_8_CONNECTED)
+    if n == 0:
+        return []
+    _, row_mm, col_mm = phantom.spacing_mm
+    objects = [d for d in phantom.distractors if "centre_zyx_mm" in d]
+    found = set()
+    for z, y, x in ndimage.center_of_mass(labels > 0, components, range(1, n + 1)):
+        point = np.array([np.interp(z, np.arange(len(phantom.z_positions_mm)), phantom.z_positions_mm),
+                          phantom.origin_xy_mm[1] + y * row_mm, phantom.origin_xy_mm[0] + x * col_mm])
+        near = [d["kind"] for d in objects
+                if np.linalg.norm(point - d["centre_zyx_mm"]) <= max(d["semi_axes_mm"]) + 2.0]
+        found.add(near[0] if near else "other")
+    return sorted(found)

@@ -1,6 +1,7 @@
 """The model-check script behind the model card's figures runs, and its sets are what
 they claim: the non-coronary set holds no coronary calcium but visible aortic, valve
-or mitral calcium; the shares are computed from the per-scan rows."""
+or mitral calcium, the unfamiliar set calcium of kinds training never shows; the shares
+are computed from the per-scan rows."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 from cacflow.synth.cohort import NONCORONARY_CALCIUM_KINDS
+from cacflow.synth.phantom import UNFAMILIAR_CALCIUM_KINDS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,14 +19,14 @@ REPO = Path(__file__).resolve().parents[2]
 def test_model_checks_script_on_one_scan_each():
     completed = subprocess.run(
         [sys.executable, str(REPO / "tests" / "benchmarks" / "model_checks.py"), str(REPO / "src" / "cacflow" / "model" / "weights"),
-         "--validation", "0", "--holdout", "1", "--noncoronary", "2", "--thin", "1", "--outside", "1", "--workers", "1", "--scans"],
+         "--validation", "0", "--holdout", "1", "--noncoronary", "2", "--unfamiliar", "1", "--thin", "1", "--outside", "1", "--workers", "1", "--scans"],
         capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     results = {r["check"]: r for r in map(json.loads, completed.stdout.splitlines())}
     outside = ("outside_wide_fov", "control_nongated", "outside_kvp_80", "outside_kvp_140", "control_kvp",
                "gap_gated_0.5_0.6", "control_gated")
-    assert set(results) == {"holdout", "noncoronary", "thin", *outside}  # --validation 0 skips it
+    assert set(results) == {"holdout", "noncoronary", "unfamiliar", "thin", *outside}  # --validation 0 skips it
     holdout = results["holdout"]
     assert holdout["seed"] == 99_000_001 and len(holdout["scans"]) == 1
     scan = holdout["scans"][0]
@@ -49,7 +51,14 @@ def test_model_checks_script_on_one_scan_each():
     zero = [row["predicted"] == 0 for row in noncoronary["scans"]]
     assert noncoronary["share_scored_zero"] == sum(zero) / 2
     # the review-flag counts are those of the rows, and each range brackets the score
-    for result in (holdout, noncoronary, thin, *(results[name] for name in outside)):
+    unfamiliar = results["unfamiliar"]
+    assert unfamiliar["seed"] == 41_000_001 and len(unfamiliar["scans"]) == 1
+    row = unfamiliar["scans"][0]
+    assert row["reference"] == 0 and row["unfamiliar_calcium"]
+    assert set(row["unfamiliar_calcium"].split(";")) <= set(UNFAMILIAR_CALCIUM_KINDS)
+    assert unfamiliar["share_scored_zero"] == (row["predicted"] == 0)
+    assert (row["predicted"] > 0) <= bool(row["called_coronary"])  # a score comes from some labelled calcium
+    for result in (holdout, noncoronary, unfamiliar, thin, *(results[name] for name in outside)):
         assert result["scans_flagged_uncertain"] == sum(row["category_uncertain"] for row in result["scans"])
         for row in result["scans"]:
             assert row["range_low"] - 1e-9 <= row["predicted"] <= row["range_high"] + 1e-9

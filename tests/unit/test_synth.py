@@ -153,6 +153,81 @@ def test_phantom_is_fast():
     assert time.perf_counter() - start < 4.0  # ~1.3 s on a laptop core; slack for CI
 
 
+CHEST = dict(pixel_spacing_mm=0.7, fov_centre="body", gated=False, n_coronary_lesions=0)
+
+
+@pytest.fixture(scope="module")
+def with_unfamiliar_calcium():
+    """The same patient and acquisition without and with the unfamiliar calcium."""
+    plain = generate_phantom(3, PhantomSettings(**CHEST))
+    return plain, generate_phantom(3, PhantomSettings(**CHEST, unfamiliar_calcium=True))
+
+
+def _object_voxels(phantom, entry: dict, margin_mm: float) -> np.ndarray:
+    """Voxels within ``margin_mm`` of the ellipsoid's bounding sphere (a loose envelope)."""
+    z_mm, y_mm, x_mm = entry["centre_zyx_mm"]
+    increment, row_mm, col_mm = phantom.spacing_mm
+    zz = phantom.z_positions_mm[:, None, None]
+    yy = (phantom.origin_xy_mm[1] + row_mm * np.arange(phantom.hu.shape[1]))[None, :, None]
+    xx = (phantom.origin_xy_mm[0] + col_mm * np.arange(phantom.hu.shape[2]))[None, None, :]
+    reach = max(entry["semi_axes_mm"]) + margin_mm
+    return ((yy - y_mm) ** 2 + (xx - x_mm) ** 2 <= reach**2) & (np.abs(zz - z_mm) <= reach + phantom.slice_thickness_mm)
+
+
+def test_unfamiliar_calcium_changes_only_its_own_voxels(with_unfamiliar_calcium):
+    """Drawn from a stream of their own: the rest of the patient, the noise and every
+    other distractor stay as they were (so training and existing cohorts, which never
+    ask for them, are unchanged); every kind shows in a chest field of view; none is
+    coronary."""
+    plain, extra = with_unfamiliar_calcium
+    new = [d for d in extra.distractors if d["kind"] in ph.UNFAMILIAR_CALCIUM_KINDS]
+    assert [d for d in extra.distractors if d["kind"] not in ph.UNFAMILIAR_CALCIUM_KINDS] == plain.distractors
+    assert {d["kind"] for d in new if d["agatston_if_scored"] > 0} == set(ph.UNFAMILIAR_CALCIUM_KINDS)
+    envelope = np.zeros(plain.hu.shape, bool)
+    for entry in new:
+        envelope |= _object_voxels(extra, entry, margin_mm=2 * extra.spacing_mm[1])
+    changed = plain.hu != extra.hu
+    assert changed.any() and not (changed & ~envelope).any()
+    assert not extra.coronary_labels.any() and extra.reference["agatston_total"] == 0
+
+
+def test_lung_granulomas_lie_in_lung(with_unfamiliar_calcium):
+    _, extra = with_unfamiliar_calcium
+    for entry in (d for d in extra.distractors if d["kind"] == "lung_granuloma" and d["agatston_if_scored"] > 0):
+        ring = _object_voxels(extra, entry, 6.0) & ~_object_voxels(extra, entry, 3.0)
+        assert np.median(extra.hu[ring]) < -500  # surrounded by aerated lung
+
+
+def test_called_coronary_names_the_object_the_model_labelled(with_unfamiliar_calcium):
+    """The check's attribution: voxels of a lymph node labelled coronary are reported as
+    the lymph node; an isolated voxel away from every object as ``other``."""
+    from cacflow.training import _called_coronary
+
+    plain, extra = with_unfamiliar_calcium
+    node = max((d for d in extra.distractors if d["kind"] == "lymph_node"), key=lambda d: d["agatston_if_scored"])
+    labels = np.zeros(extra.hu.shape, np.uint8)
+    labels[(extra.hu != plain.hu) & _object_voxels(extra, node, 1.0) & (extra.hu >= 130)] = 2
+    assert _called_coronary(extra, labels) == ["lymph_node"]
+    labels[:] = 0
+    labels[0, 5, extra.hu.shape[2] // 2] = 1  # the top slice's anterior edge: no object there
+    assert _called_coronary(extra, labels) == ["other"]
+    assert _called_coronary(extra, np.zeros_like(labels)) == []
+
+
+def test_scattered_calcium_keeps_clear_of_the_coronary_arteries():
+    """The training negatives of any look are never on an artery's course: no changed
+    voxel within 2 mm of a coronary tube, and nothing else about the phantom changes."""
+    settings = PhantomSettings(**SMALL)
+    plain = generate_phantom(11, settings)
+    scattered = generate_phantom(11, PhantomSettings(**SMALL, scattered_calcium=True))
+    changed = plain.hu != scattered.hu
+    assert any(d["kind"] == "scattered" and d["agatston_if_scored"] > 0 for d in scattered.distractors)
+    reach = int(math.ceil(2.0 / SMALL["pixel_spacing_mm"]))
+    near_artery = ndimage.binary_dilation(plain.vessel_labels > 0, structure=np.ones((1, 3, 3), bool), iterations=reach)
+    assert changed.any() and not (changed & near_artery).any()
+    assert (scattered.coronary_labels == plain.coronary_labels).all()
+
+
 # --------------------------------------------------------------------------- DICOM
 
 
@@ -340,6 +415,17 @@ def test_a_cohort_is_never_written_over_another_cohorts_dicom(tmp_path):
     assert _files(tmp_path / "dicom") == first  # nothing written
     generate_cohort(tmp_path, n_participants=2, seed=1, size="tiny", workers=1)
     assert _files(tmp_path / "dicom") == first
+
+
+def test_a_cohort_from_another_cacflow_version_is_refused(tmp_path, monkeypatch):
+    """The same seed from another cacflow may render other series: written over the
+    old files it would mix them like another seed would, so the recipe records the
+    version and a different one is refused."""
+    generate_cohort(tmp_path, n_participants=1, seed=1, size="tiny", workers=1)
+    assert json.loads((tmp_path / "cohort.json").read_text())["cacflow_version"] == cohort_module.__version__
+    monkeypatch.setattr(cohort_module, "__version__", "0.0.0-other")
+    with pytest.raises(ValueError, match="would mix its series"):
+        generate_cohort(tmp_path, n_participants=1, seed=1, size="tiny", workers=1)
 
 
 def test_dicom_of_an_unrecorded_cohort_is_refused_too(tmp_path):

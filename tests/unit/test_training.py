@@ -242,7 +242,8 @@ def test_phantoms_of_another_recipe_are_never_mixed_into_a_dataset(tmp_path, two
     assert json.loads((two_phantom_dataset / "dataset.json").read_text()) == {"seed": standard.seed,
                                                                                "acquisition": "standard"}
     build_dataset(standard)  # the same recipe: the volumes on disk are used
-    for other in (replace(standard, acquisition="wide"), replace(standard, seed=standard.seed + 1)):
+    for other in (replace(standard, acquisition="wide"), replace(standard, seed=standard.seed + 1),
+                  replace(standard, scattered_calcium=True)):
         with pytest.raises(ValueError, match="was generated with"):
             build_dataset(other)
     with pytest.raises(ValueError, match="unknown acquisition recipe"):  # refused before any folder is claimed
@@ -262,3 +263,17 @@ def test_model_json_records_the_pixel_spacing_its_recipe_trained_on(tmp_path, ac
     model = ModelFiles(tmp_path / "model")
     assert model.pixel_spacing_span == pytest.approx(span)
     assert model.within_training_range((3.0, 0.9, 0.9)) is (acquisition == "wide")
+
+
+def test_scattered_calcium_is_part_of_the_recipe_and_reaches_the_phantoms(tmp_path):
+    """``cacflow train --scattered-calcium``: the training phantoms are the standard ones
+    plus the blobs, and the dataset records it (so it is never mixed with a plain one)."""
+    plain = training.training_phantom(20261126, 3)
+    scattered = training.training_phantom(20261126, 3, scattered_calcium=True)
+    blobs = [d for d in scattered.distractors if d["kind"] == "scattered"]
+    assert blobs and [d for d in scattered.distractors if d["kind"] != "scattered"] == plain.distractors
+    assert (scattered.coronary_labels == plain.coronary_labels).all() and scattered.lesions == plain.lesions
+    config = TrainingConfig(work_dir=str(tmp_path), model_dir=str(tmp_path / "model"), scattered_calcium=True)
+    assert training._dataset_recipe(config) == {"seed": config.seed, "acquisition": "standard",
+                                                "scattered_calcium": True}
+    assert "scattered_calcium" not in training._dataset_recipe(replace(config, scattered_calcium=False))

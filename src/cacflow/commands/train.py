@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="phantom acquisitions: standard (the shipped model's: pixels 0.30-0.85 mm, "
                              "100/120 kVp) or wide (0.30-0.98 mm, 80-140 kVp; tried and not adopted: "
                              "docs/evaluation.md)")
+    parser.add_argument("--scattered-calcium", action="store_true",
+                        help="training phantoms also hold calcified blobs scattered through the chest away from "
+                             "the coronary arteries (negatives of any look; docs/evaluation.md, "
+                             "\"Calcium of kinds the training never shows\")")
     parser.add_argument("--device", choices=TRAINING_DEVICES, default="auto",
                         help="auto: a CUDA GPU when torch sees one, else the CPU; cuda: fail without one")
     parser.add_argument("--init-weights", default=None,
@@ -84,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         # A COCA fine-tune tunes whatever --init-weights holds: no member recipe.
         members=() if args.coca_root else args.members or SHIPPED_MEMBERS, steps=args.steps, workers=args.workers,
         coca_root=str(args.coca_root) if args.coca_root else None, init_weights=init_weights,
-        device=args.device, acquisition=args.acquisition, int8_calibration_phantoms=args.int8_calibration_phantoms,
+        device=args.device, acquisition=args.acquisition, scattered_calcium=args.scattered_calcium,
+        int8_calibration_phantoms=args.int8_calibration_phantoms,
     )
     if args.learning_rate:
         config.learning_rate = args.learning_rate

@@ -40,14 +40,15 @@ MIN_SAME_CLASS_SHARE = 0.999
 log = logging.getLogger(__name__)
 
 
-def phantom_inputs(indices, seed: int, acquisition: str = "standard") -> list[np.ndarray]:
+def phantom_inputs(indices, seed: int, acquisition: str = "standard",
+                   scattered_calcium: bool = False) -> list[np.ndarray]:
     """Network inputs [z, C, H, W] of phantoms ``indices`` of the training stream ``seed``."""
     from cacflow.model.preprocessing import network_inputs
     from cacflow.training import training_phantom
 
     volumes = []
     for index in indices:
-        phantom = training_phantom(seed, index, acquisition)
+        phantom = training_phantom(seed, index, acquisition, scattered_calcium)
         volumes.append(network_inputs(phantom.hu, phantom.spacing_mm)[0])
     return volumes
 
@@ -114,23 +115,27 @@ def _probabilities(session, volume: np.ndarray) -> np.ndarray:
 
 
 def export_int8(model_dir: Path, n_calibration: int = CALIBRATION_PHANTOMS, *, seed: int,
-                acquisition: str = "standard", n_parity: int = PARITY_PHANTOMS) -> dict:
+                acquisition: str = "standard", n_parity: int = PARITY_PHANTOMS,
+                scattered_calcium: bool = False) -> dict:
     """Quantize ``model_dir``'s calciumnet.onnx into calciumnet.int8.onnx, calibrated
-    and checked on phantoms of the training stream ``seed`` / ``acquisition``, and
+    and checked on phantoms of the training stream ``seed`` / ``acquisition`` /
+    ``scattered_calcium``, and
     return what model.json records of it. A copy that fails the parity check is removed
     and the record says why."""
     from cacflow.model.engines import file_sha256
 
     model_dir = Path(model_dir)
     float_path, int8_path = model_dir / "calciumnet.onnx", model_dir / "calciumnet.int8.onnx"
-    quantize_model(float_path, int8_path, phantom_inputs(range(n_calibration), seed, acquisition))
-    check = parity(float_path, int8_path, phantom_inputs(range(n_calibration, n_calibration + n_parity), seed,
-                                                           acquisition))
+    stream = {"seed": seed, "acquisition": acquisition, "scattered_calcium": scattered_calcium}
+    quantize_model(float_path, int8_path, phantom_inputs(range(n_calibration), **stream))
+    check = parity(float_path, int8_path, phantom_inputs(range(n_calibration, n_calibration + n_parity), **stream))
     record = {
         "file": int8_path.name,
         "method": "ONNX Runtime static QDQ: Conv weights int8 per channel (7-bit range), "
                   "activations int8 per tensor, min/max calibration",
-        "calibration": {"seed": seed, "acquisition": acquisition, "phantoms": [0, n_calibration]},
+        "calibration": {"seed": seed, "acquisition": acquisition, "phantoms": [0, n_calibration],
+                        # named only when asked for: the records written before it stay as they are
+                        **({"scattered_calcium": True} if scattered_calcium else {})},
         "parity_vs_float": {"phantoms": [n_calibration, n_calibration + n_parity], **check},
     }
     if check["same_class_share"] < MIN_SAME_CLASS_SHARE:

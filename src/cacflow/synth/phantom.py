@@ -91,6 +91,14 @@ class PhantomSettings:
     lesion_seed: int = 0  # another value: same anatomy, another lesion plan
     include_distractors: bool = True  # aortic/valve/mitral calcium, noise spikes, devices
     device_probability: float = 0.15  # chance of each device: stent, sternal wires, pacemaker lead
+    # Calcium kinds training never shows (UNFAMILIAR_CALCIUM_KINDS), for checks of how
+    # the model meets calcium it has not learnt; drawn from a stream of their own, so
+    # the rest of the patient and the image stay as without them.
+    unfamiliar_calcium: bool = False
+    # Calcified blobs of any size and density scattered through the chest away from the
+    # coronary arteries (kind "scattered"): negatives that tie "coronary" to the
+    # arteries' course rather than to how a blob looks, for training. Their own stream too.
+    scattered_calcium: bool = False
 
     def __post_init__(self) -> None:
         chosen = [self.n_coronary_lesions is not None, self.target_agatston is not None, self.lesions is not None]
@@ -659,7 +667,85 @@ def _draw_distractors(rng, body: dict, heart: dict, vessels: dict, great: list, 
     return calcium, devices
 
 
-_PATIENT_FIELDS = ("n_coronary_lesions", "target_agatston", "lesions", "lesion_seed", "include_distractors", "device_probability")
+# Common outside the heart in real chest CT, and never in the training phantoms: calcified
+# lung granulomas, calcified hilar lymph nodes, costal cartilage calcification and
+# breast arterial calcification (the last two only in a chest field of view).
+UNFAMILIAR_CALCIUM_KINDS = ("lung_granuloma", "lymph_node", "costal_cartilage", "breast_arterial")
+
+
+def _draw_unfamiliar_calcium(rng, body: dict, heart: dict, great: list, taken: list, z_range) -> list[_Calcium]:
+    """One to three objects of each kind in ``UNFAMILIAR_CALCIUM_KINDS`` (breast arteries
+    only with enough subcutaneous fat), clear of the heart and of ``taken``."""
+    placed: list[_Calcium] = []
+    heart_form = _quadratic_form(heart["axes"], heart["semi"] + 10.0)  # 10 mm clear of the heart
+
+    def add(centre, along, semi, peak, kind) -> None:
+        centre = np.asarray(centre, float)
+        d = centre - heart["centre"]
+        obj = _Calcium(centre, _frame_along(along), tuple(semi), peak, kind)
+        # The beads of one breast artery may touch: together they are one calcification.
+        others = taken + [p for p in placed if not (kind == p.kind == "breast_arterial")]
+        if d @ heart_form @ d > 1 and _separated(obj, others, 0.0):
+            placed.append(obj)
+
+    z_lo, z_hi = z_range[0] - 5, z_range[1] + 30
+    cav_x, cav_y = body["cav_x"], body["cav_y"]
+    for _ in range(rng.integers(1, 4)):  # dense nodules in the lung parenchyma
+        side = rng.choice((-1.0, 1.0))
+        r = rng.uniform(1.5, 4.0)
+        centre = (side * cav_x * rng.uniform(0.6, 0.85), cav_y * rng.uniform(-0.55, 0.55), rng.uniform(z_lo, z_hi))
+        add(centre, rng.normal(size=3), (r, r * rng.uniform(0.8, 1.0), r * rng.uniform(0.8, 1.0)),
+            rng.uniform(500, 1200), "lung_granuloma")
+    pa_top, rpa_end = great[2]["points"]
+    pa_r = great[2]["radius"]
+    for _ in range(rng.integers(1, 4)):  # beside the right pulmonary artery, in the hilum
+        on_artery = pa_top + rng.uniform(0.3, 0.9) * (rpa_end - pa_top)
+        out = _unit(np.cross(rpa_end - pa_top, rng.normal(size=3)))
+        add(on_artery + out * (pa_r + rng.uniform(3, 8)), rng.normal(size=3),
+            (rng.uniform(2, 5), rng.uniform(2, 4), rng.uniform(2, 4)), rng.uniform(300, 900), "lymph_node")
+    t_out = body["wx"] - body["fat"] - body["muscle"] - 4  # middle of the rib band
+    t_in = body["wy"] - body["fat"] - body["muscle"] - 4
+    for _ in range(rng.integers(1, 4)):  # flecks in the anterior costal cartilages
+        theta, side = rng.uniform(0.77, 0.87) * math.pi, rng.choice((-1.0, 1.0))
+        add((side * t_out * math.sin(theta), t_in * math.cos(theta), rng.uniform(z_lo, z_hi)),
+            (1.0, rng.uniform(-0.3, 0.3), rng.uniform(-0.2, 0.2)),
+            (rng.uniform(2, 6), rng.uniform(1, 2), rng.uniform(1, 2)), rng.uniform(250, 700), "costal_cartilage")
+    if body["fat"] >= 10:  # a beaded artery in the subcutaneous fat of the anterior chest
+        theta, side = rng.uniform(0.65, 0.85) * math.pi, rng.choice((-1.0, 1.0))
+        depth = body["fat"] * rng.uniform(0.3, 0.7)
+        start = np.array([side * (body["wx"] - depth) * math.sin(theta), (body["wy"] - depth) * math.cos(theta),
+                          rng.uniform(z_lo, z_hi)])
+        along = _unit([rng.uniform(-0.5, 0.5), 0.0, 1.0])
+        for k in range(int(rng.integers(4, 9))):
+            add(start + along * k * rng.uniform(2.5, 3.5), along,
+                (rng.uniform(1.5, 2.5), rng.uniform(0.8, 1.3), rng.uniform(0.8, 1.3)), rng.uniform(400, 900),
+                "breast_arterial")
+    return placed
+
+
+SCATTERED_CLEARANCE_MM = 6.0  # from every coronary centreline (the arteries are 1.4-2.3 mm in radius)
+
+
+def _draw_scattered_calcium(rng, body: dict, vessels: dict, taken: list, z_range) -> list[_Calcium]:
+    """4 to 12 calcified ellipsoids anywhere in the thoracic cavity or chest wall (lung,
+    mediastinum, around the great vessels, in and on the heart) at least
+    ``SCATTERED_CLEARANCE_MM`` from every coronary centreline and clear of ``taken``."""
+    placed: list[_Calcium] = []
+    centreline = np.concatenate([v["points"] for v in vessels.values()])
+    for _ in range(int(rng.integers(4, 13))):
+        semi = np.sort(rng.uniform(0.8, 5.0, 3))[::-1]
+        angle, depth = rng.uniform(0, 2 * math.pi), math.sqrt(rng.uniform(0, 1))
+        centre = np.array([(body["cav_x"] + 10) * depth * math.cos(angle), (body["cav_y"] + 10) * depth * math.sin(angle),
+                           rng.uniform(z_range[0] - 10, z_range[1] + 40)])
+        obj = _Calcium(centre, _frame_along(rng.normal(size=3)), tuple(semi), rng.uniform(180, 1200), "scattered")
+        clear = np.min(np.linalg.norm(centreline - centre, axis=1)) - semi[0] >= SCATTERED_CLEARANCE_MM
+        if clear and _separated(obj, taken + placed, 0.0):
+            placed.append(obj)
+    return placed
+
+
+_PATIENT_FIELDS = ("n_coronary_lesions", "target_agatston", "lesions", "lesion_seed", "include_distractors",
+                   "device_probability", "unfamiliar_calcium", "scattered_calcium")
 
 
 @functools.lru_cache(maxsize=8)
@@ -678,6 +764,11 @@ def _make_patient(seed: int, settings: PhantomSettings) -> _Patient:
     body["dome_z"] = (z_range[0] + rng.uniform(8, 22), z_range[0] + rng.uniform(-8, 5))  # right, left
     lung_vessels = _draw_lung_vessels(rng, body, z_range[0] - 40, z_range[1] + 70)
     distractors, devices = _draw_distractors(rng, body, heart, vessels, great, settings)
+    if settings.unfamiliar_calcium:
+        distractors += _draw_unfamiliar_calcium(np.random.default_rng([seed, 3]), body, heart, great,
+                                                distractors, z_range)
+    if settings.scattered_calcium:
+        distractors += _draw_scattered_calcium(np.random.default_rng([seed, 4]), body, vessels, distractors, z_range)
     keep_clear = distractors + [
         _Calcium(p, np.eye(3), (d["radius"] + 1,) * 3, 0, "stent") for d in devices if d["kind"] == "stent" for p in d["points"][::5]
     ]
