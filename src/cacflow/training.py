@@ -210,6 +210,12 @@ def _build_one(args) -> dict:
     near_artery = grid.box_mean((phantom.vessel_labels > 0).astype(np.float32)) > 0
     reach = int(round(10.0 / TARGET_SPACING_MM))
     near_artery = ndimage.binary_dilation(near_artery, structure=np.ones((1, 3, 3), bool), iterations=reach)
+    # Scattered blobs (--scattered-calcium) join the pool wherever they lie: most are
+    # far from an artery, and the "any calcium" crops, mostly bone, would seldom reach them.
+    for blob in (d for d in phantom.distractors if d["kind"] == "scattered" and d["agatston_if_scored"] > 0):
+        z, row, col = (int(round(v)) for v in blob["centre_voxel_zyx"])
+        if 0 <= z < len(near_artery) and 0 <= row < len(grid.row_index) and 0 <= col < len(grid.col_index):
+            near_artery[z, grid.row_index[row], grid.col_index[col]] = True
     slices = _save_volume(out_dir, index, inputs, targets, near_artery)
     return {"index": index, "slices": slices, "coronary_pixels": int((targets > 0).sum())}
 
@@ -811,7 +817,8 @@ def unfamiliar_calcium_check(model_dir: str, n_scans: int = 40, seed: int = 41_0
         predicted, predicted_range, labels = score(phantom)
         rows.append({"gated": settings.gated, "unfamiliar_calcium": ";".join(kinds),
                      "reference": phantom.reference["agatston_total"], "predicted": predicted.agatston_total,
-                     "called_coronary": ";".join(_called_coronary(phantom, labels)),
+                     "called_coronary": ";".join(_called_coronary(phantom, labels) if predicted.agatston_total > 0
+                                                 else []),
                      **_range_columns(predicted_range)})
         log.info("unfamiliar %d/%d: %s, predicted %.1f %s", len(rows), n_scans, rows[-1]["unfamiliar_calcium"],
                  predicted.agatston_total, rows[-1]["called_coronary"])
@@ -826,9 +833,11 @@ def unfamiliar_calcium_check(model_dir: str, n_scans: int = 40, seed: int = 41_0
 
 
 def _called_coronary(phantom, labels: np.ndarray) -> list[str]:
-    """The kinds of the generated calcified objects that the model labelled coronary,
-    matched by distance: each labelled in-slice component goes to the object whose
-    ellipsoid (plus 2 mm) holds its centroid, else to ``other`` (bone, noise, devices)."""
+    """The kinds of the generated calcified objects that the model labelled coronary.
+    Each labelled in-slice component goes to the object nearest its centroid (distance
+    to the object's centre less its largest semi-axis), among those within 2 mm of that
+    reach in-plane and, along z, within half a slice more; else to ``other`` (bone,
+    noise, devices)."""
     from scipy import ndimage
 
     from cacflow.inference import IN_PLANE_8_CONNECTED
@@ -838,11 +847,15 @@ def _called_coronary(phantom, labels: np.ndarray) -> list[str]:
         return []
     _, row_mm, col_mm = phantom.spacing_mm
     objects = [d for d in phantom.distractors if "centre_zyx_mm" in d]
+    centres = np.array([d["centre_zyx_mm"] for d in objects]).reshape(-1, 3)
+    reach = np.array([max(d["semi_axes_mm"]) for d in objects])
     found = set()
     for z, y, x in ndimage.center_of_mass(labels > 0, components, range(1, n + 1)):
         point = np.array([np.interp(z, np.arange(len(phantom.z_positions_mm)), phantom.z_positions_mm),
                           phantom.origin_xy_mm[1] + y * row_mm, phantom.origin_xy_mm[0] + x * col_mm])
-        near = [d["kind"] for d in objects
-                if np.linalg.norm(point - d["centre_zyx_mm"]) <= max(d["semi_axes_mm"]) + 2.0]
-        found.add(near[0] if near else "other")
+        offset = np.abs(point - centres)
+        within = ((np.hypot(offset[:, 1], offset[:, 2]) <= reach + 2.0)
+                  & (offset[:, 0] <= reach + 2.0 + phantom.slice_thickness_mm / 2))
+        gap = np.linalg.norm(offset, axis=1) - reach
+        found.add(objects[int(np.argmin(np.where(within, gap, np.inf)))]["kind"] if within.any() else "other")
     return sorted(found)

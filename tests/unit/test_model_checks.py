@@ -57,7 +57,10 @@ def test_model_checks_script_on_one_scan_each():
     assert row["reference"] == 0 and row["unfamiliar_calcium"]
     assert set(row["unfamiliar_calcium"].split(";")) <= set(UNFAMILIAR_CALCIUM_KINDS)
     assert unfamiliar["share_scored_zero"] == (row["predicted"] == 0)
-    assert (row["predicted"] > 0) <= bool(row["called_coronary"])  # a score comes from some labelled calcium
+    # kinds are named only for a scan scored above 0, and they are kinds the generator draws
+    assert bool(row["called_coronary"]) == (row["predicted"] > 0)
+    assert set(filter(None, row["called_coronary"].split(";"))) <= {
+        *UNFAMILIAR_CALCIUM_KINDS, *NONCORONARY_CALCIUM_KINDS, "other"}
     for result in (holdout, noncoronary, unfamiliar, thin, *(results[name] for name in outside)):
         assert result["scans_flagged_uncertain"] == sum(row["category_uncertain"] for row in result["scans"])
         for row in result["scans"]:

@@ -159,26 +159,34 @@ CHEST = dict(pixel_spacing_mm=0.7, fov_centre="body", gated=False, n_coronary_le
 @pytest.fixture(scope="module")
 def with_unfamiliar_calcium():
     """The same patient and acquisition without and with the unfamiliar calcium."""
-    plain = generate_phantom(3, PhantomSettings(**CHEST))
-    return plain, generate_phantom(3, PhantomSettings(**CHEST, unfamiliar_calcium=True))
+    plain = generate_phantom(5, PhantomSettings(**CHEST))
+    return plain, generate_phantom(5, PhantomSettings(**CHEST, unfamiliar_calcium=True))
 
 
 def _object_voxels(phantom, entry: dict, margin_mm: float) -> np.ndarray:
     """Voxels within ``margin_mm`` of the ellipsoid's bounding sphere (a loose envelope)."""
     z_mm, y_mm, x_mm = entry["centre_zyx_mm"]
-    increment, row_mm, col_mm = phantom.spacing_mm
     zz = phantom.z_positions_mm[:, None, None]
-    yy = (phantom.origin_xy_mm[1] + row_mm * np.arange(phantom.hu.shape[1]))[None, :, None]
-    xx = (phantom.origin_xy_mm[0] + col_mm * np.arange(phantom.hu.shape[2]))[None, None, :]
+    yy, xx = _in_plane_mm(phantom)
     reach = max(entry["semi_axes_mm"]) + margin_mm
     return ((yy - y_mm) ** 2 + (xx - x_mm) ** 2 <= reach**2) & (np.abs(zz - z_mm) <= reach + phantom.slice_thickness_mm)
 
 
+def _in_plane_mm(phantom):
+    _, row_mm, col_mm = phantom.spacing_mm
+    yy = (phantom.origin_xy_mm[1] + row_mm * np.arange(phantom.hu.shape[1]))[None, :, None]
+    xx = (phantom.origin_xy_mm[0] + col_mm * np.arange(phantom.hu.shape[2]))[None, None, :]
+    return yy, xx
+
+
+def _centre_voxel(entry: dict) -> tuple[int, int, int]:
+    return tuple(int(round(v)) for v in entry["centre_voxel_zyx"])
+
+
 def test_unfamiliar_calcium_changes_only_its_own_voxels(with_unfamiliar_calcium):
-    """Drawn from a stream of their own: the rest of the patient, the noise and every
-    other distractor stay as they were (so training and existing cohorts, which never
-    ask for them, are unchanged); every kind shows in a chest field of view; none is
-    coronary."""
+    """Drawn from a stream of their own, after the lesions: the rest of the patient, the
+    noise and every other distractor stay as they were; every kind shows in a chest
+    field of view; none is coronary."""
     plain, extra = with_unfamiliar_calcium
     new = [d for d in extra.distractors if d["kind"] in ph.UNFAMILIAR_CALCIUM_KINDS]
     assert [d for d in extra.distractors if d["kind"] not in ph.UNFAMILIAR_CALCIUM_KINDS] == plain.distractors
@@ -191,11 +199,54 @@ def test_unfamiliar_calcium_changes_only_its_own_voxels(with_unfamiliar_calcium)
     assert not extra.coronary_labels.any() and extra.reference["agatston_total"] == 0
 
 
-def test_lung_granulomas_lie_in_lung(with_unfamiliar_calcium):
-    _, extra = with_unfamiliar_calcium
-    for entry in (d for d in extra.distractors if d["kind"] == "lung_granuloma" and d["agatston_if_scored"] > 0):
-        ring = _object_voxels(extra, entry, 6.0) & ~_object_voxels(extra, entry, 3.0)
-        assert np.median(extra.hu[ring]) < -500  # surrounded by aerated lung
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_the_optional_calcium_never_changes_the_lesion_plan(seed):
+    """Placed after the coronary lesions and clear of them: the same lesions, labels and
+    reference with and without it."""
+    settings = PhantomSettings(**SMALL, target_agatston=150.0)
+    plain = generate_phantom(seed, settings)
+    both = generate_phantom(seed, PhantomSettings(**SMALL, target_agatston=150.0, unfamiliar_calcium=True,
+                                                  scattered_calcium=True))
+    assert plain.lesions and both.lesions == plain.lesions and both.reference == plain.reference
+    assert (both.coronary_labels == plain.coronary_labels).all()
+
+
+def test_the_default_phantoms_are_those_of_before_the_optional_calcium():
+    """With both options off (training, every cohort), the generator draws what it drew
+    before they existed: reference, lesion centres, distractor count and mean HU as
+    written by cacflow at commit 7538536 for the same seeds and settings."""
+    before = {
+        5: (163.66, [[-38.4, -48.3, 13.1], [-62.1, -71.8, 41.5], [-44.5, 3.4, 46.7]], 32, -478.0),
+        6: (154.24, [[-115.6, -8.0, -21.4], [-97.1, -57.0, 31.9], [-67.1, -7.1, 14.3], [-93.5, -2.7, -7.0]], 19, -479.72),
+    }
+    settings = {5: PhantomSettings(rows=256, cols=256, pixel_spacing_mm=0.78, target_agatston=200.0, device_probability=1.0),
+                6: PhantomSettings(rows=256, cols=256, pixel_spacing_mm=0.8, gated=False, fov_centre="body",
+                                   n_coronary_lesions=4)}
+    for seed, expected in before.items():
+        p = generate_phantom(seed, settings[seed])
+        now = (round(p.reference["agatston_total"], 2), [[round(v, 1) for v in lesion["centre_zyx_mm"]] for lesion in p.lesions],
+               len(p.distractors), round(float(p.hu.mean()), 2))
+        assert now == expected
+
+
+def test_each_unfamiliar_kind_lies_where_its_name_says(with_unfamiliar_calcium):
+    """Read in the image without them: granulomas in aerated lung, lymph nodes outside
+    the blood of the great vessels (in fat or lung), costal flecks in the painted
+    cartilage (110 HU), breast arteries in subcutaneous fat."""
+    plain, extra = with_unfamiliar_calcium
+    visible = [d for d in extra.distractors if d["kind"] in ph.UNFAMILIAR_CALCIUM_KINDS and d["agatston_if_scored"] > 0]
+    for entry in visible:
+        z, row, col = _centre_voxel(entry)
+        around = float(plain.hu[z, row - 1 : row + 2, col - 1 : col + 2].mean())
+        if entry["kind"] == "lung_granuloma":
+            ring = _object_voxels(extra, entry, 6.0) & ~_object_voxels(extra, entry, 3.0)
+            assert np.median(extra.hu[ring]) < -500
+        elif entry["kind"] == "lymph_node":
+            assert around < -50  # not blood (40 HU) nor a vessel wall
+        elif entry["kind"] == "costal_cartilage":
+            assert abs(around - 110.0) < 40
+        else:
+            assert -160 < around < -40  # subcutaneous fat (-95 HU)
 
 
 def test_called_coronary_names_the_object_the_model_labelled(with_unfamiliar_calcium):
@@ -209,7 +260,7 @@ def test_called_coronary_names_the_object_the_model_labelled(with_unfamiliar_cal
     labels[(extra.hu != plain.hu) & _object_voxels(extra, node, 1.0) & (extra.hu >= 130)] = 2
     assert _called_coronary(extra, labels) == ["lymph_node"]
     labels[:] = 0
-    labels[0, 5, extra.hu.shape[2] // 2] = 1  # the top slice's anterior edge: no object there
+    labels[0, 5, extra.hu.shape[2] // 2] = 1  # the lowest slice's anterior edge: no object there
     assert _called_coronary(extra, labels) == ["other"]
     assert _called_coronary(extra, np.zeros_like(labels)) == []
 
@@ -226,6 +277,25 @@ def test_scattered_calcium_keeps_clear_of_the_coronary_arteries():
     near_artery = ndimage.binary_dilation(plain.vessel_labels > 0, structure=np.ones((1, 3, 3), bool), iterations=reach)
     assert changed.any() and not (changed & near_artery).any()
     assert (scattered.coronary_labels == plain.coronary_labels).all()
+
+
+def test_called_coronary_takes_the_nearest_of_two_objects_in_reach():
+    """A labelled component between a small node right on it and a larger plaque whose
+    reach also covers it goes to the node, whichever the distractor list names first."""
+    from types import SimpleNamespace
+
+    from cacflow.training import _called_coronary
+
+    phantom = SimpleNamespace(spacing_mm=(3.0, 1.0, 1.0), z_positions_mm=np.array([0.0, 3.0, 6.0]),
+                              origin_xy_mm=(0.0, 0.0), slice_thickness_mm=3.0, distractors=[
+                                  {"kind": "aortic_wall", "centre_zyx_mm": [3.0, 10.0, 14.0], "semi_axes_mm": [4.5, 1.0, 1.0]},
+                                  {"kind": "lymph_node", "centre_zyx_mm": [3.0, 10.0, 10.0], "semi_axes_mm": [1.0, 1.0, 1.0]}])
+    labels = np.zeros((3, 20, 20), np.uint8)
+    labels[1, 9:12, 9:12] = 1  # centroid at z 3 mm, y 10 mm, x 10 mm
+    assert _called_coronary(phantom, labels) == ["lymph_node"]
+    labels[:] = 0
+    labels[1, 9:12, 14:17] = 1  # on the plaque's centre, 5 mm from the node
+    assert _called_coronary(phantom, labels) == ["aortic_wall"]
 
 
 # --------------------------------------------------------------------------- DICOM
@@ -415,17 +485,6 @@ def test_a_cohort_is_never_written_over_another_cohorts_dicom(tmp_path):
     assert _files(tmp_path / "dicom") == first  # nothing written
     generate_cohort(tmp_path, n_participants=2, seed=1, size="tiny", workers=1)
     assert _files(tmp_path / "dicom") == first
-
-
-def test_a_cohort_from_another_cacflow_version_is_refused(tmp_path, monkeypatch):
-    """The same seed from another cacflow may render other series: written over the
-    old files it would mix them like another seed would, so the recipe records the
-    version and a different one is refused."""
-    generate_cohort(tmp_path, n_participants=1, seed=1, size="tiny", workers=1)
-    assert json.loads((tmp_path / "cohort.json").read_text())["cacflow_version"] == cohort_module.__version__
-    monkeypatch.setattr(cohort_module, "__version__", "0.0.0-other")
-    with pytest.raises(ValueError, match="would mix its series"):
-        generate_cohort(tmp_path, n_participants=1, seed=1, size="tiny", workers=1)
 
 
 def test_dicom_of_an_unrecorded_cohort_is_refused_too(tmp_path):

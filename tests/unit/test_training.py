@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -277,3 +278,24 @@ def test_scattered_calcium_is_part_of_the_recipe_and_reaches_the_phantoms(tmp_pa
     assert training._dataset_recipe(config) == {"seed": config.seed, "acquisition": "standard",
                                                 "scattered_calcium": True}
     assert "scattered_calcium" not in training._dataset_recipe(replace(config, scattered_calcium=False))
+
+
+def test_scattered_blobs_are_hard_negatives_wherever_they_lie(tmp_path):
+    """Their centre cells join the hard-negative pool (crops are centred there 30 % of
+    the time), also those far from any artery."""
+    from cacflow.model.preprocessing import IGNORE_INDEX, network_inputs, network_targets
+
+    training._build_one((3, 20261126, "standard", True, tmp_path))
+    hard = {tuple(int(v) for v in cell) for cell in np.load(tmp_path / "00003_hard_negatives.npy")}
+    phantom = training.training_phantom(20261126, 3, scattered_calcium=True)
+    _, grid = network_inputs(phantom.hu, phantom.spacing_mm)
+    targets = network_targets(phantom.hu, phantom.coronary_labels, grid)
+    saved_index = np.cumsum((targets != IGNORE_INDEX).any(axis=(1, 2))) - 1  # slices without calcium are not saved
+    checked = 0
+    for blob in (d for d in phantom.distractors if d["kind"] == "scattered" and d["agatston_if_scored"] > 0):
+        z, row, col = (int(round(v)) for v in blob["centre_voxel_zyx"])
+        cell_row, cell_col = int(grid.row_index[row]), int(grid.col_index[col])
+        if phantom.hu[z, row, col] >= 130 and targets[z, cell_row, cell_col] == 0:  # calcified, not coronary
+            assert (int(saved_index[z]), cell_row, cell_col) in hard
+            checked += 1
+    assert checked >= 2

@@ -32,7 +32,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from cacflow import __version__
 from cacflow.atomic import atomic_write_text
 from cacflow.synth.dicom_writer import localizer_from_phantom, uid, write_series
 from cacflow.synth.phantom import RISK_CATEGORIES, Phantom, PhantomSettings, generate_phantom, risk_category
@@ -332,9 +331,6 @@ def generate_cohort(
     out_dir.mkdir(parents=True, exist_ok=True)
     _claim_cohort_folder(out_dir, {
         "seed": seed, "participants": n_participants, "size": size,
-        # Another cacflow may render the same seed differently (other series, other
-        # files): its output over this one's would mix like another seed's.
-        "cacflow_version": __version__,
         # A hash: the planted values are identifiers, and must not be written out.
         "planted_identifiers_sha256": hashlib.sha256(
             json.dumps(planted_identifiers or {}, sort_keys=True).encode()).hexdigest(),

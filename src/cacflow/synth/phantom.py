@@ -92,8 +92,9 @@ class PhantomSettings:
     include_distractors: bool = True  # aortic/valve/mitral calcium, noise spikes, devices
     device_probability: float = 0.15  # chance of each device: stent, sternal wires, pacemaker lead
     # Calcium kinds training never shows (UNFAMILIAR_CALCIUM_KINDS), for checks of how
-    # the model meets calcium it has not learnt; drawn from a stream of their own, so
-    # the rest of the patient and the image stay as without them.
+    # the model meets calcium it has not learnt; drawn from a stream of their own after
+    # the lesions, so the rest of the patient and the image stay as without them.
+    # Independent of include_distractors.
     unfamiliar_calcium: bool = False
     # Calcified blobs of any size and density scattered through the chest away from the
     # coronary arteries (kind "scattered"): negatives that tie "coronary" to the
@@ -673,9 +674,29 @@ def _draw_distractors(rng, body: dict, heart: dict, vessels: dict, great: list, 
 UNFAMILIAR_CALCIUM_KINDS = ("lung_granuloma", "lymph_node", "costal_cartilage", "breast_arterial")
 
 
+def _segment_distance(point: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    t = np.clip((point - a) @ (b - a) / max((b - a) @ (b - a), 1e-9), 0.0, 1.0)
+    return float(np.linalg.norm(point - (a + t * (b - a))))
+
+
+def _in_lung(body: dict, point: np.ndarray, margin: float) -> bool:
+    """Whether ``point`` (x, y, z mm) lies ``margin`` deep in a lung as ``_paint_body``
+    paints it: in a lung's ellipse, lateral to the mediastinum, above the diaphragm."""
+    x, y, z = point
+    side = 1.0 if x > 0 else -1.0
+    cav_x, cav_y = body["cav_x"], body["cav_y"]
+    in_cavity = (x / (cav_x - margin)) ** 2 + (y / (cav_y - margin)) ** 2 <= 1
+    in_ellipse = in_cavity and ((x - side * cav_x * 0.5) / (cav_x * 0.52 - margin)) ** 2 + \
+        ((y - cav_y * 0.03) / (cav_y * 0.95 - margin)) ** 2 <= 1
+    lateral = abs(x - 5) > body["mediastinum_half_width"] + margin
+    dome = body["dome_z"][0 if x < 0 else 1] - 60 * ((abs(x) - 60) ** 2 / 110**2 + (y / 100) ** 2)
+    return bool(in_ellipse and lateral and z - margin > dome)
+
+
 def _draw_unfamiliar_calcium(rng, body: dict, heart: dict, great: list, taken: list, z_range) -> list[_Calcium]:
-    """One to three objects of each kind in ``UNFAMILIAR_CALCIUM_KINDS`` (breast arteries
-    only with enough subcutaneous fat), clear of the heart and of ``taken``."""
+    """Up to three objects of each kind in ``UNFAMILIAR_CALCIUM_KINDS`` (fewer where a
+    draw lands too close to something; breast arteries only with enough subcutaneous
+    fat), clear of the heart, of ``taken`` and, for lymph nodes, of the great vessels."""
     placed: list[_Calcium] = []
     heart_form = _quadratic_form(heart["axes"], heart["semi"] + 10.0)  # 10 mm clear of the heart
 
@@ -691,25 +712,40 @@ def _draw_unfamiliar_calcium(rng, body: dict, heart: dict, great: list, taken: l
     z_lo, z_hi = z_range[0] - 5, z_range[1] + 30
     cav_x, cav_y = body["cav_x"], body["cav_y"]
     for _ in range(rng.integers(1, 4)):  # dense nodules in the lung parenchyma
-        side = rng.choice((-1.0, 1.0))
         r = rng.uniform(1.5, 4.0)
-        centre = (side * cav_x * rng.uniform(0.6, 0.85), cav_y * rng.uniform(-0.55, 0.55), rng.uniform(z_lo, z_hi))
-        add(centre, rng.normal(size=3), (r, r * rng.uniform(0.8, 1.0), r * rng.uniform(0.8, 1.0)),
-            rng.uniform(500, 1200), "lung_granuloma")
+        for _attempt in range(20):
+            side = rng.choice((-1.0, 1.0))
+            centre = np.array([side * cav_x * rng.uniform(0.2, 0.95), cav_y * rng.uniform(-0.9, 0.9),
+                               rng.uniform(z_lo, z_hi)])
+            if _in_lung(body, centre, r + 2.0):
+                add(centre, rng.normal(size=3), (r, r * rng.uniform(0.8, 1.0), r * rng.uniform(0.8, 1.0)),
+                    rng.uniform(500, 1200), "lung_granuloma")
+                break
     pa_top, rpa_end = great[2]["points"]
     pa_r = great[2]["radius"]
+    tubes = [(a, b, g["radius"]) for g in great for a, b in zip(g["points"][:-1], g["points"][1:])]
+    ax, ay = body["aorta_xy"]
+    tubes.append((np.array([ax, ay, z_lo - 100]), np.array([ax, ay, z_hi + 100]), body["aorta_r"]))
     for _ in range(rng.integers(1, 4)):  # beside the right pulmonary artery, in the hilum
         on_artery = pa_top + rng.uniform(0.3, 0.9) * (rpa_end - pa_top)
         out = _unit(np.cross(rpa_end - pa_top, rng.normal(size=3)))
-        add(on_artery + out * (pa_r + rng.uniform(3, 8)), rng.normal(size=3),
-            (rng.uniform(2, 5), rng.uniform(2, 4), rng.uniform(2, 4)), rng.uniform(300, 900), "lymph_node")
-    t_out = body["wx"] - body["fat"] - body["muscle"] - 4  # middle of the rib band
+        semi = (rng.uniform(2, 5), rng.uniform(2, 4), rng.uniform(2, 4))
+        centre = on_artery + out * (pa_r + rng.uniform(3, 8))
+        # outside every great vessel's wall, where it would pass for aortic calcium
+        if all(_segment_distance(centre, a, b) >= radius + max(semi) + 1.0 for a, b, radius in tubes):
+            add(centre, rng.normal(size=3), semi, rng.uniform(300, 900), "lymph_node")
+    # Costal cartilage as _paint_body paints it: the anterior part of the rib band
+    # (polar angle over 0.75 pi), inside a rib's height along z.
+    t_out = body["wx"] - body["fat"] - body["muscle"] - 4  # middle of the 8 mm rib band
     t_in = body["wy"] - body["fat"] - body["muscle"] - 4
-    for _ in range(rng.integers(1, 4)):  # flecks in the anterior costal cartilages
-        theta, side = rng.uniform(0.77, 0.87) * math.pi, rng.choice((-1.0, 1.0))
-        add((side * t_out * math.sin(theta), t_in * math.cos(theta), rng.uniform(z_lo, z_hi)),
-            (1.0, rng.uniform(-0.3, 0.3), rng.uniform(-0.2, 0.2)),
-            (rng.uniform(2, 6), rng.uniform(1, 2), rng.uniform(1, 2)), rng.uniform(250, 700), "costal_cartilage")
+    for _ in range(rng.integers(1, 4)):
+        polar, side = rng.uniform(0.77, 0.86) * math.pi, rng.choice((-1.0, 1.0))
+        r = 1.0 / math.hypot(math.sin(polar) / t_out, math.cos(polar) / t_in)
+        rib_z = body["rib_drop"] * (polar / math.pi) ** 1.2 + body["rib_phase"]
+        z = rng.uniform(z_lo, z_hi)
+        z += -np.mod(z + rib_z, body["rib_period"]) + rng.uniform(1.5, body["rib_height"] - 1.5)
+        add((side * r * math.sin(polar), r * math.cos(polar), z), (side * math.cos(polar), -math.sin(polar), 0.0),
+            (rng.uniform(2, 5), rng.uniform(1, 2), rng.uniform(1, 2)), rng.uniform(250, 700), "costal_cartilage")
     if body["fat"] >= 10:  # a beaded artery in the subcutaneous fat of the anterior chest
         theta, side = rng.uniform(0.65, 0.85) * math.pi, rng.choice((-1.0, 1.0))
         depth = body["fat"] * rng.uniform(0.3, 0.7)
@@ -764,16 +800,20 @@ def _make_patient(seed: int, settings: PhantomSettings) -> _Patient:
     body["dome_z"] = (z_range[0] + rng.uniform(8, 22), z_range[0] + rng.uniform(-8, 5))  # right, left
     lung_vessels = _draw_lung_vessels(rng, body, z_range[0] - 40, z_range[1] + 70)
     distractors, devices = _draw_distractors(rng, body, heart, vessels, great, settings)
-    if settings.unfamiliar_calcium:
-        distractors += _draw_unfamiliar_calcium(np.random.default_rng([seed, 3]), body, heart, great,
-                                                distractors, z_range)
-    if settings.scattered_calcium:
-        distractors += _draw_scattered_calcium(np.random.default_rng([seed, 4]), body, vessels, distractors, z_range)
     keep_clear = distractors + [
         _Calcium(p, np.eye(3), (d["radius"] + 1,) * 3, 0, "stent") for d in devices if d["kind"] == "stent" for p in d["points"][::5]
     ]
     lesions = _plan_lesions(np.random.default_rng([seed, 2, settings.lesion_seed]), vessels, settings, keep_clear)
-    return _Patient(body, heart, vessels, great, lung_vessels, lesions + distractors, devices, z_range)
+    # Only when asked for, each from a stream of its own, and placed after the lesions
+    # and clear of them, so that the rest of the patient is what it is without them.
+    extra: list[_Calcium] = []
+    if settings.unfamiliar_calcium:
+        extra += _draw_unfamiliar_calcium(np.random.default_rng([seed, 3]), body, heart, great,
+                                          keep_clear + lesions, z_range)
+    if settings.scattered_calcium:
+        extra += _draw_scattered_calcium(np.random.default_rng([seed, 4]), body, vessels,
+                                         keep_clear + lesions + extra, z_range)
+    return _Patient(body, heart, vessels, great, lung_vessels, lesions + distractors + extra, devices, z_range)
 
 
 # --------------------------------------------------------------------------- rendering
