@@ -239,14 +239,16 @@ def build_dataset(config: TrainingConfig) -> Path:
     return data_dir
 
 
+def training_stream(seed: int, acquisition: str = "standard", scattered_calcium: bool = False) -> dict:
+    """What the phantoms of a training stream depend on, as dataset.json and the int8
+    copy's calibration record it (keys named as ``training_phantom``'s arguments). The
+    scattered calcium is named only when asked for, so records written before it
+    existed keep their form."""
+    return {"seed": seed, "acquisition": acquisition, **({"scattered_calcium": True} if scattered_calcium else {})}
+
+
 def _dataset_recipe(config: TrainingConfig) -> dict:
-    """What the phantoms of a dataset folder depend on (dataset.json). The scattered
-    calcium is named only when asked for, so folders written before it existed keep
-    their recipe."""
-    recipe = {"seed": config.seed, "acquisition": config.acquisition}
-    if config.scattered_calcium:
-        recipe["scattered_calcium"] = True
-    return recipe
+    return training_stream(config.seed, config.acquisition, config.scattered_calcium)
 
 
 def _claim_dataset(data_dir: Path, recipe: dict) -> None:

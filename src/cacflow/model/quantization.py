@@ -123,19 +123,18 @@ def export_int8(model_dir: Path, n_calibration: int = CALIBRATION_PHANTOMS, *, s
     return what model.json records of it. A copy that fails the parity check is removed
     and the record says why."""
     from cacflow.model.engines import file_sha256
+    from cacflow.training import training_stream
 
     model_dir = Path(model_dir)
     float_path, int8_path = model_dir / "calciumnet.onnx", model_dir / "calciumnet.int8.onnx"
-    stream = {"seed": seed, "acquisition": acquisition, "scattered_calcium": scattered_calcium}
+    stream = training_stream(seed, acquisition, scattered_calcium)
     quantize_model(float_path, int8_path, phantom_inputs(range(n_calibration), **stream))
     check = parity(float_path, int8_path, phantom_inputs(range(n_calibration, n_calibration + n_parity), **stream))
     record = {
         "file": int8_path.name,
         "method": "ONNX Runtime static QDQ: Conv weights int8 per channel (7-bit range), "
                   "activations int8 per tensor, min/max calibration",
-        "calibration": {"seed": seed, "acquisition": acquisition, "phantoms": [0, n_calibration],
-                        # named only when asked for: the records written before it stay as they are
-                        **({"scattered_calcium": True} if scattered_calcium else {})},
+        "calibration": {**stream, "phantoms": [0, n_calibration]},
         "parity_vs_float": {"phantoms": [n_calibration, n_calibration + n_parity], **check},
     }
     if check["same_class_share"] < MIN_SAME_CLASS_SHARE:

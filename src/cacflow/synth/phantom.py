@@ -679,18 +679,35 @@ def _segment_distance(point: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(point - (a + t * (b - a))))
 
 
+def _lung_ellipse(body: dict, side: float) -> tuple[float, float, float, float]:
+    """(centre x, centre y, semi x, semi y) of the lung on ``side`` (-1 right, +1 left)
+    within the thoracic cavity, as ``_paint_body`` paints it."""
+    cav_x, cav_y = body["cav_x"], body["cav_y"]
+    return side * cav_x * 0.5, cav_y * 0.03, cav_x * 0.52, cav_y * 0.95
+
+
+def _diaphragm_top(body: dict, x, y):
+    """z (mm) of the diaphragm dome above (x, y): the right dome over the liver, the
+    left over spleen and stomach, falling away from each dome's top."""
+    dome_r, dome_l = body["dome_z"]
+    return np.where(x < 0, dome_r, dome_l) - 60 * ((np.abs(x) - 60) ** 2 / 110**2 + (y / 100) ** 2)
+
+
+def _rib_z_offset(body: dict, th):
+    """Along-z offset of the rib band at polar angle ``th`` * pi (0 at the spine, 1 at
+    the sternum): each rib descends from the spine towards the front."""
+    return body["rib_drop"] * th**1.2 + body["rib_phase"]
+
+
 def _in_lung(body: dict, point: np.ndarray, margin: float) -> bool:
     """Whether ``point`` (x, y, z mm) lies ``margin`` deep in a lung as ``_paint_body``
     paints it: in a lung's ellipse, lateral to the mediastinum, above the diaphragm."""
     x, y, z = point
-    side = 1.0 if x > 0 else -1.0
-    cav_x, cav_y = body["cav_x"], body["cav_y"]
-    in_cavity = (x / (cav_x - margin)) ** 2 + (y / (cav_y - margin)) ** 2 <= 1
-    in_ellipse = in_cavity and ((x - side * cav_x * 0.5) / (cav_x * 0.52 - margin)) ** 2 + \
-        ((y - cav_y * 0.03) / (cav_y * 0.95 - margin)) ** 2 <= 1
+    centre_x, centre_y, semi_x, semi_y = _lung_ellipse(body, 1.0 if x > 0 else -1.0)
+    in_cavity = (x / (body["cav_x"] - margin)) ** 2 + (y / (body["cav_y"] - margin)) ** 2 <= 1
+    in_ellipse = ((x - centre_x) / (semi_x - margin)) ** 2 + ((y - centre_y) / (semi_y - margin)) ** 2 <= 1
     lateral = abs(x - 5) > body["mediastinum_half_width"] + margin
-    dome = body["dome_z"][0 if x < 0 else 1] - 60 * ((abs(x) - 60) ** 2 / 110**2 + (y / 100) ** 2)
-    return bool(in_ellipse and lateral and z - margin > dome)
+    return bool(in_cavity and in_ellipse and lateral and z - margin > _diaphragm_top(body, x, y))
 
 
 def _draw_unfamiliar_calcium(rng, body: dict, heart: dict, great: list, taken: list, z_range) -> list[_Calcium]:
@@ -741,9 +758,8 @@ def _draw_unfamiliar_calcium(rng, body: dict, heart: dict, great: list, taken: l
     for _ in range(rng.integers(1, 4)):
         polar, side = rng.uniform(0.77, 0.86) * math.pi, rng.choice((-1.0, 1.0))
         r = 1.0 / math.hypot(math.sin(polar) / t_out, math.cos(polar) / t_in)
-        rib_z = body["rib_drop"] * (polar / math.pi) ** 1.2 + body["rib_phase"]
         z = rng.uniform(z_lo, z_hi)
-        z += -np.mod(z + rib_z, body["rib_period"]) + rng.uniform(1.5, body["rib_height"] - 1.5)
+        z += -np.mod(z + _rib_z_offset(body, polar / math.pi), body["rib_period"]) + rng.uniform(1.5, body["rib_height"] - 1.5)
         add((side * r * math.sin(polar), r * math.cos(polar), z), (side * math.cos(polar), -math.sin(polar), 0.0),
             (rng.uniform(2, 5), rng.uniform(1, 2), rng.uniform(1, 2)), rng.uniform(250, 700), "costal_cartilage")
     if body["fat"] >= 10:  # a beaded artery in the subcutaneous fat of the anterior chest
@@ -836,7 +852,8 @@ def _paint_body(vol, grid: _Grid, body: dict, blood: float, bone: float) -> None
     sl[cavity] = _FAT  # mediastinal fat
     lung_hu = (_LUNG + 70 * (y + cav_y) / (2 * cav_y)).astype(np.float32)  # dependent lung is denser
     for side in (-1, 1):
-        lung = cavity & inside(cav_x * 0.52, cav_y * 0.95, side * cav_x * 0.5, cav_y * 0.03)
+        centre_x, centre_y, semi_x, semi_y = _lung_ellipse(body, side)
+        lung = cavity & inside(semi_x, semi_y, centre_x, centre_y)
         sl[:] = np.where(lung, lung_hu, sl)
     sl[cavity & inside(body["mediastinum_half_width"], cav_y, 5, 0)] = _FAT  # mediastinum between the lungs
     vb_y = body["vb_y"]
@@ -862,13 +879,12 @@ def _paint_body(vol, grid: _Grid, body: dict, blood: float, bone: float) -> None
     q_out = (grid.x[cols] / t_out) ** 2 + (grid.y[rows] / t_in) ** 2
     q_in = (grid.x[cols] / (t_out - 8)) ** 2 + (grid.y[rows] / (t_in - 8)) ** 2
     radial = (1 - np.sqrt(q_out)) / ((1 - np.sqrt(q_out)) + (np.sqrt(q_in) - 1) + 1e-9)
-    rib_z = body["rib_drop"] * th**1.2 + body["rib_phase"]
+    rib_z = _rib_z_offset(body, th)
     cartilage = th > 0.75  # costal cartilage towards the sternum
     height, period = body["rib_height"], body["rib_period"]
-    dome_r, dome_l = body["dome_z"]
+    dome_r = body["dome_z"][0]
     below_candidates = cavity & (sl < -50)  # lung and fat give way to the abdomen
-    drop = 60 * ((np.abs(x) - 60) ** 2 / 110**2 + (y / 100) ** 2)
-    dome_top = np.where(x < 0, dome_r, dome_l) - drop
+    dome_top = _diaphragm_top(body, x, y)
     abdomen = np.where(x < 0, _LIVER, _SPLEEN_STOMACH).astype(np.float32)
     for k, z in enumerate(grid.z):
         phase = np.mod(z + rib_z, period)
