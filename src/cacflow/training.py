@@ -14,6 +14,14 @@ from its own checkpoints in ``work_dir/member<k>/`` on the first ``volumes`` pha
 of the shared dataset, then exports the members together (``CalciumEnsemble``).
 A member whose model is written is not trained again.
 
+An optional second stage (``negatives_tune``; tried, not adopted for the shipped
+model: docs/evaluation.md): the trained ensemble, all members together, is tuned on
+phantoms that also hold calcified blobs scattered through the chest away from the
+arteries (``PhantomSettings.scattered_calcium``), so that calcium of a look the
+simulator never draws is less often called coronary. The first stage goes to
+``work_dir`` (its model to ``work_dir/base_model``), the tune to
+``work_dir/negatives_tune``, each from its own dataset and checkpoints.
+
 Fine-tuning on real annotated scans: with ``coca_root`` set, stage 1 reads a
 COCA-format root (``patient/<id>/<series>/`` DICOM and ``calcium_xml/<id>.xml``
 polygons, ``cacflow.coca``) instead of generating phantoms, and ``init_weights``
@@ -44,6 +52,16 @@ from cacflow.model.preprocessing import (
 )
 
 log = logging.getLogger("cacflow.training")
+
+
+@dataclass(frozen=True)
+class NegativesTune:
+    """The trained network or ensemble (all members together) tuned on phantoms with
+    scattered calcified blobs: negatives of any look (docs/evaluation.md)."""
+
+    volumes: int
+    steps: int
+    learning_rate: float = 5e-4
 
 
 @dataclass
@@ -79,6 +97,9 @@ class TrainingConfig:
     # Phantoms that calibrate the int8 copy of the graph for the CPU engine
     # (cacflow.model.quantization); 0 writes none (that engine then runs the float graph).
     int8_calibration_phantoms: int = CALIBRATION_PHANTOMS
+    # Then tune what the members trained into on phantoms with scattered blobs;
+    # None (the shipped model's recipe): stop after the members.
+    negatives_tune: NegativesTune | None = None
 
     def __post_init__(self) -> None:
         # Checked here, before a dataset folder is claimed for the recipe (dataset.json).
@@ -385,12 +406,44 @@ class CropSampler:
 
 def train(config: TrainingConfig) -> dict:
     """Train (or resume) the model ``config`` describes and export it to model_dir."""
+    if config.negatives_tune and not config.coca_root:
+        return _train_then_tune(config)
     if config.members and not config.coca_root:  # a COCA fine-tune tunes init_weights as they are
         if len(config.members) > 1:
             return _train_ensemble(config)
         (n_volumes, steps), = config.members
         config = replace(config, n_volumes=n_volumes, steps=steps)
     return _train_network(config)
+
+
+def _train_then_tune(config: TrainingConfig) -> dict:
+    """The members (or single network) as ``config`` describes them, then the negatives
+    tune from their weights. model.json's ``training`` and ``members`` describe the
+    first stage; its ``negatives_tune`` block the second (recipe, starting weights,
+    device, losses)."""
+    tune = config.negatives_tune
+    work_dir = Path(config.work_dir)
+    base = replace(config, negatives_tune=None, model_dir=str(work_dir / "base_model"), notes={},
+                   model_version=f"{config.model_version}-base", int8_calibration_phantoms=0)
+    base_info = train(base)  # a base already trained is only exported again
+    base_weights = Path(base.model_dir) / "calciumnet.pt"
+    members = base_info.get("members") or [_member_record(base_info, base_weights)]
+    tuned = replace(config, negatives_tune=None, members=(), n_volumes=tune.volumes, steps=tune.steps,
+                    learning_rate=tune.learning_rate, scattered_calcium=True, dataset_dir=None, notes={},
+                    work_dir=str(work_dir / "negatives_tune"), init_weights=str(base_weights))
+    network, history = _fit(tuned)
+    block = {**asdict(tune), "phantoms": training_stream(config.seed, config.acquisition, True),
+             "base_weights_sha256": tuned.notes["initial_weights_sha256"],
+             "trained_on": tuned.notes["trained_on"], "loss_history": history}
+    # ``training`` is the first stage's recipe; its notes are in the member records.
+    return export(network, replace(config, notes={}), [], members, negatives_tune=block)
+
+
+def _member_record(info: dict, weights: Path) -> dict:
+    """What model.json's ``members`` holds of one trained network (``info``: its model.json)."""
+    return {"n_volumes": info["training"]["n_volumes"], "steps": info["training"]["steps"],
+            "weights_sha256": file_sha256(weights), "trained_on": info["training"]["notes"].get("trained_on"),
+            "loss_history": info["loss_history"]}
 
 
 def _train_ensemble(config: TrainingConfig) -> dict:
@@ -422,8 +475,7 @@ def _train_ensemble(config: TrainingConfig) -> dict:
             log.info("member %d of %d: %d phantoms, %d steps", k, len(config.members), n_volumes, steps)
             info = _train_network(member)
         weights.append(torch.load(member_dir / "model" / "calciumnet.pt", map_location="cpu", weights_only=True))
-        members.append({"n_volumes": n_volumes, "steps": steps, "weights_sha256": file_sha256(member_dir / "model" / "calciumnet.pt"),
-                        "trained_on": info["training"]["notes"].get("trained_on"), "loss_history": info["loss_history"]})
+        members.append(_member_record(info, member_dir / "model" / "calciumnet.pt"))
     ensemble = CalciumEnsemble(N_INPUT_CHANNELS, config.widths, len(weights))
     ensemble.load_state_dict({f"members.{k}.{name}": value for k, state in enumerate(weights) for name, value in state.items()})
     return export(ensemble.eval(), config, [], members)
@@ -445,6 +497,23 @@ def _initial_network(config: TrainingConfig):
 
 
 def _train_network(config: TrainingConfig) -> dict:
+    network, history = _fit(config)
+    return export(network, config, history)
+
+
+def _checkpoint_recipe(config: TrainingConfig) -> dict:
+    """What a checkpoint's steps depend on: resuming one under another recipe would mix
+    two runs (or, with fewer steps, pass the old weights off as the new recipe's)."""
+    return {"seed": config.seed, "n_volumes": config.n_volumes, "steps": config.steps,
+            "batch_size": config.batch_size, "crop": config.crop, "learning_rate": config.learning_rate,
+            "widths": list(config.widths), "class_weights": list(config.class_weights),
+            **_dataset_recipe(config), "coca_root": bool(config.coca_root),
+            "initial_weights_sha256": file_sha256(config.init_weights) if config.init_weights else None}
+
+
+def _fit(config: TrainingConfig):
+    """Train one network (or tune an ensemble from ``init_weights``) from its
+    checkpoint, if any: (the network on the CPU, its loss history)."""
     import torch
     from torch import nn
 
@@ -469,10 +538,14 @@ def _train_network(config: TrainingConfig) -> dict:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.learning_rate, total_steps=config.steps)
     rng = np.random.default_rng([config.seed, 1])
     step, history, trained_on = 0, [], []
+    recipe = _checkpoint_recipe(config)
     if checkpoint_path.exists():
         # Loaded onto the CPU and copied into the network and optimiser wherever they
         # are: a run checkpointed on a GPU node resumes on a CPU one and back.
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if state.get("recipe", recipe) != recipe:  # checkpoints from before the record are taken as they are
+            raise ValueError(f"{checkpoint_path} belongs to another recipe ({state['recipe']}, not {recipe}): "
+                             f"restore that recipe, or delete {checkpoint_path.parent} to train again")
         network.load_state_dict(state["network"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
@@ -507,15 +580,16 @@ def _train_network(config: TrainingConfig) -> dict:
             torch.save({"network": network.state_dict(), "optimiser": optimiser.state_dict(),
                         "schedule": schedule.state_dict(), "rng": rng.bit_generator.state,
                         "torch_rng": torch.get_rng_state(), "step": step, "history": history,
-                        "trained_on": trained_on}, tmp)
+                        "trained_on": trained_on, "recipe": recipe}, tmp)
             tmp.replace(checkpoint_path)
-    network.to("cpu").eval()
-    return export(network, config, history)
+    return network.to("cpu").eval(), history
 
 
-def export(network, config: TrainingConfig, history: list, members: list | None = None) -> dict:
+def export(network, config: TrainingConfig, history: list, members: list | None = None,
+           negatives_tune: dict | None = None) -> dict:
     """Write weights, the ONNX graph (checked against PyTorch) and model.json
-    (``members``: what each member of an ensemble was trained on)."""
+    (``members``: what each member of an ensemble was trained on; ``negatives_tune``:
+    the second stage's record, ``_train_then_tune``)."""
     import torch
 
     from cacflow.model.network import ensemble_size
@@ -527,7 +601,7 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
     # A COCA fine-tune gets none: its copy would be calibrated and checked on phantoms,
     # not on the real scans it was tuned for; the CPU engine then runs the float graph.
     int8 = _export_int8(model_dir, 0 if config.coca_root else config.int8_calibration_phantoms,
-                        config.seed, config.acquisition, config.scattered_calcium)
+                        config.seed, config.acquisition, config.scattered_calcium or bool(config.negatives_tune))
     members_in_network = ensemble_size(network.state_dict())
     info = {
         "model_version": config.model_version,
@@ -544,10 +618,11 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
         # steps are its members'.
         "training": {k: v for k, v in asdict(config).items()
                      if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device", "dataset_dir",
-                                  "int8_calibration_phantoms")
+                                  "int8_calibration_phantoms", "negatives_tune")
                      and not (members and k in ("n_volumes", "steps"))},
         "loss_history": history,
         **({"members": members} if members else {}),
+        **({"negatives_tune": negatives_tune} if negatives_tune else {}),
     }
     atomic_write_text(model_dir / "model.json", json.dumps(info, indent=2) + "\n")
     return info
@@ -599,13 +674,15 @@ def refresh_int8(model_dir: str | Path, int8_calibration_phantoms: int = CALIBRA
     """Write a trained model's int8 copy of its ONNX graph (again), calibrated on its own
     training stream (model.json's seed and acquisition), and record it in model.json;
     the float graph and the weights stay as they are. How the shipped 0.3.0 model got
-    its copy (docs/evaluation.md)."""
+    its copy (docs/evaluation.md). A model whose last stage was the negatives tune is
+    calibrated on that stage's phantoms (with the scattered blobs)."""
     model_dir = Path(model_dir)
     info = json.loads((model_dir / "model.json").read_text())
     info.pop("int8", None)
     training = info.get("training", {})
     int8 = _export_int8(model_dir, int8_calibration_phantoms, int(training.get("seed", TrainingConfig.seed)),
-                        training.get("acquisition", "standard"), bool(training.get("scattered_calcium", False)))
+                        training.get("acquisition", "standard"),
+                        bool(training.get("scattered_calcium") or info.get("negatives_tune")))
     if int8:
         info["int8"] = int8
     atomic_write_text(model_dir / "model.json", json.dumps(info, indent=2) + "\n")

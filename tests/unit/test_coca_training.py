@@ -117,8 +117,15 @@ def test_snakemake_train_fine_tunes_when_the_config_names_a_coca_root(tmp_path):
                "-n", "-p", "train"]
     plain = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr[-2000:]
-    assert "--work-dir results/training --members 400:20000,800:30000 --device auto" in plain.stdout
+    assert "--work-dir results/training --members 400:20000,800:30000 --negatives-tune none --device auto" in plain.stdout
     assert "--coca-root" not in plain.stdout
+    two_stage = tmp_path / "two_stage.yaml"
+    two_stage.write_text("training:\n  negatives_tune: {volumes: 800, steps: 9000, learning_rate: 0.0005}\n")
+    tuned = subprocess.run([*command, "--configfile", str(two_stage)], capture_output=True, text=True, env=env,
+                           cwd=tmp_path)
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    assert ("--members 400:20000,800:30000 --negatives-tune 800:9000 --negatives-tune-learning-rate 0.0005 "
+            "--device auto") in tuned.stdout
     extra = tmp_path / "coca.yaml"
     extra.write_text("training:\n  coca_root: /data/my coca\n  fine_tune_steps: 700\n  device: cuda\n")
     tuned = subprocess.run([*command, "--configfile", str(extra)], capture_output=True, text=True, env=env, cwd=tmp_path)

@@ -112,6 +112,18 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, two_phantom
     assert [h["step"] for h in info["loss_history"]] == list(range(1, 7))
 
 
+def test_a_checkpoint_of_another_recipe_is_refused_not_resumed(tmp_path, two_phantom_dataset):
+    """Fewer steps would pass the old weights off as the new recipe's; more, or another
+    learning rate, would continue a schedule made for the old one."""
+    config = _config(tmp_path, "run", two_phantom_dataset)
+    training.train(config)
+    for changed in (replace(config, steps=4), replace(config, steps=8), replace(config, learning_rate=1e-4),
+                    replace(config, batch_size=3)):
+        with pytest.raises(ValueError, match="checkpoint.pt belongs to another recipe"):
+            training.train(changed)
+    training.train(config)  # the same recipe: taken up again
+
+
 def test_cli_refuses_an_unknown_device(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m"), "--device", "gpu0"])
@@ -299,3 +311,102 @@ def test_scattered_blobs_are_hard_negatives_wherever_they_lie(tmp_path):
             assert (int(saved_index[z]), cell_row, cell_col) in hard
             checked += 1
     assert checked >= 2
+
+
+@pytest.fixture(scope="module")
+def two_scattered_phantom_dataset(tmp_path_factory):
+    """The first two volumes of the training stream with scattered blobs (the
+    negatives tune's dataset)."""
+    work = tmp_path_factory.mktemp("scattered_work")
+    build_dataset(TrainingConfig(work_dir=str(work), model_dir=str(work / "unused"), n_volumes=2, workers=1,
+                                 scattered_calcium=True))
+    return work / "dataset"
+
+
+def test_the_negatives_tune_is_the_trained_ensemble_tuned_on_phantoms_with_blobs(
+        tmp_path, two_phantom_dataset, two_scattered_phantom_dataset, monkeypatch, one_torch_thread):
+    """Stage 2 of the shipped recipe: the ensemble the members make, tuned as a whole
+    on the scattered-blob stream. Its weights are what tuning that ensemble by hand
+    (``--init-weights``, ``--scattered-calcium``) gives; model.json records both stages;
+    the int8 copy is calibrated on the tune's phantoms; a rerun trains nothing again,
+    and a changed tune recipe is refused rather than resumed."""
+    from pathlib import Path
+
+    calibrations = []  # (phantoms, scattered) of each int8 copy asked for
+    monkeypatch.setattr(training, "_export_int8", lambda folder, n, seed, acquisition, scattered=False:
+                        calibrations.append((n, scattered)) or {})
+    tune = training.NegativesTune(volumes=2, steps=3, learning_rate=1e-3)
+    recipe = replace(_config(tmp_path, "two_stage", two_phantom_dataset), members=((2, 3), (1, 4)),
+                     negatives_tune=tune, model_version="9.9.9", int8_calibration_phantoms=5)
+    (tmp_path / "two_stage" / "negatives_tune").mkdir()
+    (tmp_path / "two_stage" / "negatives_tune" / "dataset").symlink_to(two_scattered_phantom_dataset,
+                                                                       target_is_directory=True)
+    training.train(recipe)
+    assert calibrations[-1] == (5, True) and all(n == 0 for n, _ in calibrations[:-1])  # the base has none
+
+    base_weights = tmp_path / "two_stage" / "base_model" / "calciumnet.pt"
+    by_hand = replace(_config(tmp_path, "by_hand", two_scattered_phantom_dataset), n_volumes=2, steps=3,
+                      learning_rate=1e-3, scattered_calcium=True, init_weights=str(base_weights))
+    training.train(by_hand)
+    tuned, expected = _weights(recipe), _weights(by_hand)
+    base = torch.load(base_weights, map_location="cpu", weights_only=True)
+    assert tuned.keys() == expected.keys() == base.keys() and len({name.split(".")[1] for name in tuned}) == 2
+    for name in tuned:
+        assert torch.equal(tuned[name], expected[name]), name
+    assert any(not torch.equal(tuned[name], base[name]) for name in tuned if name.endswith("weight"))
+
+    info = json.loads((Path(recipe.model_dir) / "model.json").read_text())
+    assert info["model_version"] == "9.9.9" and info["ensemble_size"] == 2
+    assert info["training"]["members"] == [[2, 3], [1, 4]] and "negatives_tune" not in info["training"]
+    assert [(m["n_volumes"], m["steps"], len(m["loss_history"])) for m in info["members"]] == [(2, 3, 3), (1, 4, 4)]
+    block = info["negatives_tune"]
+    assert {k: block[k] for k in ("volumes", "steps", "learning_rate")} == {"volumes": 2, "steps": 3,
+                                                                           "learning_rate": 1e-3}
+    assert block["phantoms"] == {"seed": recipe.seed, "acquisition": "standard", "scattered_calcium": True}
+    assert block["base_weights_sha256"] == training.file_sha256(base_weights) and block["trained_on"] == "cpu"
+    assert [h["step"] for h in block["loss_history"]] == [1, 2, 3] and info["loss_history"] == []
+
+    calibrations.clear()
+    training.refresh_int8(recipe.model_dir, 5)
+    assert calibrations == [(5, True)]
+
+    real_batch = training.CropSampler.batch
+    monkeypatch.setattr(training.CropSampler, "batch", lambda *a: pytest.fail("a finished stage was trained again"))
+    again = training.train(recipe)
+    assert again["members"] == info["members"] and again["negatives_tune"] == block
+    for changed in (replace(tune, steps=2), replace(tune, learning_rate=2e-3)):
+        with pytest.raises(ValueError, match="negatives_tune/checkpoint.pt belongs to another recipe"):
+            training.train(replace(recipe, negatives_tune=changed))
+
+    # A single network as the first stage: its record is the one member's.
+    monkeypatch.setattr(training.CropSampler, "batch", real_batch)
+    single = replace(_config(tmp_path, "single", two_phantom_dataset), members=((2, 3),), negatives_tune=tune)
+    (tmp_path / "single" / "negatives_tune").mkdir()
+    (tmp_path / "single" / "negatives_tune" / "dataset").symlink_to(two_scattered_phantom_dataset,
+                                                                    target_is_directory=True)
+    training.train(single)
+    info = json.loads((Path(single.model_dir) / "model.json").read_text())
+    assert info["ensemble_size"] == 1 and "n_volumes" not in info["training"]
+    assert [(m["n_volumes"], m["steps"], len(m["loss_history"])) for m in info["members"]] == [(2, 3, 3)]
+
+
+def test_cli_trains_the_negatives_tune_only_when_asked(tmp_path, monkeypatch, capsys):
+    recipes = []
+    monkeypatch.setattr(training, "train", lambda config: recipes.append(config) or {"model_version": "x"})
+    base = ["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m")]
+    assert cli.main(base) == 0  # the shipped recipe
+    assert recipes[-1].members == training.SHIPPED_MEMBERS and recipes[-1].negatives_tune is None
+    assert cli.main(base + ["--negatives-tune", "800:9000"]) == 0
+    assert recipes[-1].members == training.SHIPPED_MEMBERS
+    assert recipes[-1].negatives_tune == training.NegativesTune(800, 9000, 5e-4)
+    assert cli.main(base + ["--members", "2:2", "--negatives-tune", "3:4",
+                            "--negatives-tune-learning-rate", "0.001"]) == 0
+    assert recipes[-1].negatives_tune == training.NegativesTune(3, 4, 0.001)
+    assert cli.main(base + ["--negatives-tune", "none"]) == 0 and recipes[-1].negatives_tune is None
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--negatives-tune", "800:9000,400:100"])
+    assert "expected one VOLUMES:STEPS pair or none" in capsys.readouterr().err
+    # A COCA fine-tune tunes on the annotated scans only: a phantom tune asked for with it is refused.
+    assert cli.main(base + ["--coca-root", str(tmp_path), "--negatives-tune", "3:4"]) == 2
+    assert "--negatives-tune cannot be combined with --coca-root" in capsys.readouterr().err
+    assert cli.main(base + ["--coca-root", str(tmp_path)]) == 0 and recipes[-1].negatives_tune is None

@@ -92,7 +92,8 @@ def withdrawals_file(wildcards):
 
 
 def training_arguments():
-    """`cacflow train` arguments: phantoms, or fine-tuning the shipped model on COCA."""
+    """`cacflow train` arguments: phantoms (the members, then the negatives tune), or
+    fine-tuning the shipped model on COCA."""
     training = config.get("training", {})
     device = f"--device {training.get('device', 'auto')}"
     if training.get("coca_root"):
@@ -103,4 +104,7 @@ def training_arguments():
         )
     # No members in the config: `cacflow train` trains the shipped model's recipe.
     members = ",".join(f"{m['volumes']}:{m['steps']}" for m in training.get("members", []))
-    return f"--work-dir results/training {f'--members {members} ' if members else ''}{device}"
+    tune = training.get("negatives_tune")
+    tune = (f"--negatives-tune {tune['volumes']}:{tune['steps']} --negatives-tune-learning-rate {tune['learning_rate']}"
+            if tune else "--negatives-tune none")
+    return f"--work-dir results/training {f'--members {members} ' if members else ''}{tune} {device}"

@@ -1,6 +1,7 @@
 rule train:
-    """Train CalciumNet (seeded, resumable): `snakemake train`. On generated phantoms,
-    or, with `training: coca_root:` set, fine-tuned from the shipped model on the
+    """Train CalciumNet (seeded, resumable): `snakemake train`. On generated phantoms
+    (the members, then the optional negatives tune: config `training`), or, with
+    `training: coca_root:` set, fine-tuned from the shipped model on the
     COCA-format annotations there. Writes a candidate model to results/model/
     (with calciumnet.int8.onnx, the CPU engine's copy, except after a COCA fine-tune);
     copy every file of it to src/cacflow/model/weights/ to ship it."""

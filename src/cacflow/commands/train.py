@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from cacflow.model.quantization import CALIBRATION_PHANTOMS
-from cacflow.training import ACQUISITION_RECIPES, TRAINING_DEVICES
+from cacflow.training import ACQUISITION_RECIPES, TRAINING_DEVICES, NegativesTune
 
 NAME = "train"
 HELP = ("train the coronary calcium network on generated phantoms, or fine-tune it on COCA-format "
@@ -21,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--members", type=_members, default=None, metavar="VOLUMES:STEPS[,VOLUMES:STEPS...]",
                         help="phantoms and steps of each network of the ensemble (default: the shipped model's "
                              "recipe, 400:20000,800:30000); one pair trains a single network")
+    parser.add_argument("--negatives-tune", type=_negatives_tune, default=None, metavar="VOLUMES:STEPS|none",
+                        help="then tune the trained network(s), all together, on this many phantoms with calcified "
+                             "blobs scattered away from the arteries, for this many steps (default: none, the "
+                             "shipped recipe; 800:9000 was tried: docs/evaluation.md)")
+    parser.add_argument("--negatives-tune-learning-rate", type=float, default=NegativesTune.learning_rate,
+                        help="peak of the tune's one-cycle schedule")
     parser.add_argument("--steps", type=int, default=2000, help="steps of a COCA fine-tune")
     parser.add_argument("--seed", type=int, default=20261126)
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
@@ -75,6 +82,16 @@ def _members(text: str) -> tuple[tuple[int, int], ...]:
     return members
 
 
+def _negatives_tune(text: str) -> tuple[int, int] | str:
+    """(volumes, steps), or "none"."""
+    if text == "none":
+        return text
+    pairs = _members(text)
+    if len(pairs) != 1:
+        raise argparse.ArgumentTypeError(f"expected one VOLUMES:STEPS pair or none, got {text!r}")
+    return pairs[0]
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from cacflow.model.engines import ModelFiles
@@ -91,6 +108,12 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, acquisition=args.acquisition, scattered_calcium=args.scattered_calcium,
         int8_calibration_phantoms=args.int8_calibration_phantoms,
     )
+    if args.coca_root and args.negatives_tune not in (None, "none"):
+        print("cacflow train: --negatives-tune cannot be combined with --coca-root (a COCA fine-tune tunes on "
+              "the annotated scans only)", file=sys.stderr)
+        return 2
+    if args.negatives_tune not in (None, "none"):
+        config.negatives_tune = NegativesTune(*args.negatives_tune, learning_rate=args.negatives_tune_learning_rate)
     if args.learning_rate:
         config.learning_rate = args.learning_rate
     if args.batch_size:
