@@ -600,8 +600,12 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
     max_error = export_onnx(network, model_dir / "calciumnet.onnx")
     # A COCA fine-tune gets none: its copy would be calibrated and checked on phantoms,
     # not on the real scans it was tuned for; the CPU engine then runs the float graph.
+    training = {k: v for k, v in asdict(config).items()
+                if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device", "dataset_dir",
+                             "int8_calibration_phantoms", "negatives_tune")
+                and not (members and k in ("n_volumes", "steps"))}
     int8 = _export_int8(model_dir, 0 if config.coca_root else config.int8_calibration_phantoms,
-                        config.seed, config.acquisition, config.scattered_calcium or bool(config.negatives_tune))
+                        **_last_stage_stream(training, negatives_tune))
     members_in_network = ensemble_size(network.state_dict())
     info = {
         "model_version": config.model_version,
@@ -616,10 +620,7 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
         "training_ranges": _training_ranges(config),
         # Paths stay out: they can name a site or a person. An ensemble's phantoms and
         # steps are its members'.
-        "training": {k: v for k, v in asdict(config).items()
-                     if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device", "dataset_dir",
-                                  "int8_calibration_phantoms", "negatives_tune")
-                     and not (members and k in ("n_volumes", "steps"))},
+        "training": training,
         "loss_history": history,
         **({"members": members} if members else {}),
         **({"negatives_tune": negatives_tune} if negatives_tune else {}),
@@ -679,14 +680,21 @@ def refresh_int8(model_dir: str | Path, int8_calibration_phantoms: int = CALIBRA
     model_dir = Path(model_dir)
     info = json.loads((model_dir / "model.json").read_text())
     info.pop("int8", None)
-    training = info.get("training", {})
-    int8 = _export_int8(model_dir, int8_calibration_phantoms, int(training.get("seed", TrainingConfig.seed)),
-                        training.get("acquisition", "standard"),
-                        bool(training.get("scattered_calcium") or info.get("negatives_tune")))
+    int8 = _export_int8(model_dir, int8_calibration_phantoms,
+                        **_last_stage_stream(info.get("training", {}), info.get("negatives_tune")))
     if int8:
         info["int8"] = int8
     atomic_write_text(model_dir / "model.json", json.dumps(info, indent=2) + "\n")
     return int8
+
+
+def _last_stage_stream(training: dict, negatives_tune: dict | None) -> dict:
+    """The phantom stream a model's last stage trained on, read from its model.json
+    record (``training``, ``negatives_tune``): what its int8 copy is calibrated on."""
+    if negatives_tune:
+        return negatives_tune["phantoms"]
+    return training_stream(int(training.get("seed", TrainingConfig.seed)), training.get("acquisition", "standard"),
+                           bool(training.get("scattered_calcium")))
 
 
 def _export_int8(model_dir: Path, n_calibration: int, seed: int, acquisition: str,

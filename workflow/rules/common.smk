@@ -92,7 +92,7 @@ def withdrawals_file(wildcards):
 
 
 def training_arguments():
-    """`cacflow train` arguments: phantoms (the members, then the negatives tune), or
+    """`cacflow train` arguments: phantoms (the members, then the optional negatives tune), or
     fine-tuning the shipped model on COCA."""
     training = config.get("training", {})
     device = f"--device {training.get('device', 'auto')}"

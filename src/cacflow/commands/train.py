@@ -82,10 +82,10 @@ def _members(text: str) -> tuple[tuple[int, int], ...]:
     return members
 
 
-def _negatives_tune(text: str) -> tuple[int, int] | str:
-    """(volumes, steps), or "none"."""
+def _negatives_tune(text: str) -> tuple[int, int] | None:
+    """(volumes, steps), or None for "none"."""
     if text == "none":
-        return text
+        return None
     pairs = _members(text)
     if len(pairs) != 1:
         raise argparse.ArgumentTypeError(f"expected one VOLUMES:STEPS pair or none, got {text!r}")
@@ -108,11 +108,11 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, acquisition=args.acquisition, scattered_calcium=args.scattered_calcium,
         int8_calibration_phantoms=args.int8_calibration_phantoms,
     )
-    if args.coca_root and args.negatives_tune not in (None, "none"):
+    if args.coca_root and args.negatives_tune:
         print("cacflow train: --negatives-tune cannot be combined with --coca-root (a COCA fine-tune tunes on "
               "the annotated scans only)", file=sys.stderr)
         return 2
-    if args.negatives_tune not in (None, "none"):
+    if args.negatives_tune:
         config.negatives_tune = NegativesTune(*args.negatives_tune, learning_rate=args.negatives_tune_learning_rate)
     if args.learning_rate:
         config.learning_rate = args.learning_rate
