@@ -94,6 +94,10 @@ class TrainingConfig:
     # Training phantoms also hold calcified blobs scattered through the chest away from
     # the coronary arteries (PhantomSettings.scattered_calcium): negatives of any look.
     scattered_calcium: bool = False
+    # ... and calcified blobs in clusters and chains just outside the great vessels
+    # (PhantomSettings.perivascular_calcium): negatives where they pass most easily for
+    # the left main and proximal arteries.
+    perivascular_calcium: bool = False
     # Phantoms that calibrate the int8 copy of the graph for the CPU engine
     # (cacflow.model.quantization); 0 writes none (that engine then runs the float graph).
     int8_calibration_phantoms: int = CALIBRATION_PHANTOMS
@@ -210,20 +214,22 @@ def randomised_phantom_settings(rng: np.random.Generator):
     )
 
 
-def training_phantom(seed: int, index: int, acquisition: str = "standard", scattered_calcium: bool = False):
+def training_phantom(seed: int, index: int, acquisition: str = "standard", scattered_calcium: bool = False,
+                     perivascular_calcium: bool = False):
     """Phantom ``index`` of the training stream ``seed`` (what the dataset holds)."""
     from cacflow.synth.phantom import generate_phantom
 
     rng = np.random.default_rng([seed, index])
-    settings = replace(training_phantom_settings(rng, acquisition), scattered_calcium=scattered_calcium)
+    settings = replace(training_phantom_settings(rng, acquisition), scattered_calcium=scattered_calcium,
+                       perivascular_calcium=perivascular_calcium)
     return generate_phantom(int(rng.integers(2**31)), settings)
 
 
 def _build_one(args) -> dict:
-    index, seed, acquisition, scattered_calcium, out_dir = args
+    index, stream, out_dir = args
     from scipy import ndimage
 
-    phantom = training_phantom(seed, index, acquisition, scattered_calcium)
+    phantom = training_phantom(index=index, **stream)
     inputs, grid = network_inputs(phantom.hu, phantom.spacing_mm)
     targets = network_targets(phantom.hu, phantom.coronary_labels, grid)
     # Hard negatives: non-coronary calcium within ~10 mm of a coronary artery (stents,
@@ -231,9 +237,11 @@ def _build_one(args) -> dict:
     near_artery = grid.box_mean((phantom.vessel_labels > 0).astype(np.float32)) > 0
     reach = int(round(10.0 / TARGET_SPACING_MM))
     near_artery = ndimage.binary_dilation(near_artery, structure=np.ones((1, 3, 3), bool), iterations=reach)
-    # Scattered blobs (--scattered-calcium) join the pool wherever they lie: most are
-    # far from an artery, and the "any calcium" crops, mostly bone, would seldom reach them.
-    for blob in (d for d in phantom.distractors if d["kind"] == "scattered" and d["agatston_if_scored"] > 0):
+    # Scattered and perivascular blobs (--scattered-calcium, --perivascular-calcium) join
+    # the pool wherever they lie: many are far from an artery, and the "any calcium"
+    # crops, mostly bone, would seldom reach them.
+    blobs = ("scattered", "perivascular")
+    for blob in (d for d in phantom.distractors if d["kind"] in blobs and d["agatston_if_scored"] > 0):
         z, row, col = (int(round(v)) for v in blob["centre_voxel_zyx"])
         if 0 <= z < len(near_artery) and 0 <= row < len(grid.row_index) and 0 <= col < len(grid.col_index):
             near_artery[z, grid.row_index[row], grid.col_index[col]] = True
@@ -246,7 +254,7 @@ def build_dataset(config: TrainingConfig) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     _claim_dataset(data_dir, _dataset_recipe(config))
     todo = [
-        (i, config.seed, config.acquisition, config.scattered_calcium, data_dir)
+        (i, _dataset_recipe(config), data_dir)
         for i in range(config.n_volumes)
         if not (data_dir / f"{i:05d}_targets.npy").exists()
     ]
@@ -260,16 +268,18 @@ def build_dataset(config: TrainingConfig) -> Path:
     return data_dir
 
 
-def training_stream(seed: int, acquisition: str = "standard", scattered_calcium: bool = False) -> dict:
+def training_stream(seed: int, acquisition: str = "standard", scattered_calcium: bool = False,
+                    perivascular_calcium: bool = False) -> dict:
     """What the phantoms of a training stream depend on, as dataset.json and the int8
     copy's calibration record it (keys named as ``training_phantom``'s arguments). The
-    scattered calcium is named only when asked for, so records written before it
-    existed keep their form."""
-    return {"seed": seed, "acquisition": acquisition, **({"scattered_calcium": True} if scattered_calcium else {})}
+    scattered and perivascular calcium are named only when asked for, so records
+    written before they existed keep their form."""
+    return {"seed": seed, "acquisition": acquisition, **({"scattered_calcium": True} if scattered_calcium else {}),
+            **({"perivascular_calcium": True} if perivascular_calcium else {})}
 
 
 def _dataset_recipe(config: TrainingConfig) -> dict:
-    return training_stream(config.seed, config.acquisition, config.scattered_calcium)
+    return training_stream(config.seed, config.acquisition, config.scattered_calcium, config.perivascular_calcium)
 
 
 def _claim_dataset(data_dir: Path, recipe: dict) -> None:
@@ -694,11 +704,11 @@ def _last_stage_stream(training: dict, negatives_tune: dict | None) -> dict:
     if negatives_tune:
         return negatives_tune["phantoms"]
     return training_stream(int(training.get("seed", TrainingConfig.seed)), training.get("acquisition", "standard"),
-                           bool(training.get("scattered_calcium")))
+                           bool(training.get("scattered_calcium")), bool(training.get("perivascular_calcium")))
 
 
 def _export_int8(model_dir: Path, n_calibration: int, seed: int, acquisition: str,
-                 scattered_calcium: bool = False) -> dict:
+                 scattered_calcium: bool = False, perivascular_calcium: bool = False) -> dict:
     """The int8 copy of the graph (``cacflow.model.quantization``) and what model.json
     records of it; with no calibration phantoms, none, and no stale copy left behind."""
     from cacflow.model.quantization import export_int8
@@ -707,7 +717,7 @@ def _export_int8(model_dir: Path, n_calibration: int, seed: int, acquisition: st
         (model_dir / "calciumnet.int8.onnx").unlink(missing_ok=True)
         return {}
     return export_int8(model_dir, n_calibration, seed=seed, acquisition=acquisition,
-                       scattered_calcium=scattered_calcium)
+                       scattered_calcium=scattered_calcium, perivascular_calcium=perivascular_calcium)
 
 
 def _training_ranges(config: TrainingConfig) -> dict:

@@ -206,7 +206,7 @@ def test_the_optional_calcium_never_changes_the_lesion_plan(seed):
     settings = PhantomSettings(**SMALL, target_agatston=150.0)
     plain = generate_phantom(seed, settings)
     both = generate_phantom(seed, PhantomSettings(**SMALL, target_agatston=150.0, unfamiliar_calcium=True,
-                                                  scattered_calcium=True))
+                                                  scattered_calcium=True, perivascular_calcium=True))
     assert plain.lesions and both.lesions == plain.lesions and both.reference == plain.reference
     assert (both.coronary_labels == plain.coronary_labels).all()
 
@@ -277,6 +277,39 @@ def test_scattered_calcium_keeps_clear_of_the_coronary_arteries():
     near_artery = ndimage.binary_dilation(plain.vessel_labels > 0, structure=np.ones((1, 3, 3), bool), iterations=reach)
     assert changed.any() and not (changed & near_artery).any()
     assert (scattered.coronary_labels == plain.coronary_labels).all()
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_perivascular_calcium_lies_beside_the_great_vessels_and_clear_of_the_arteries(seed):
+    """The training negatives beside the great vessels: each blob outside every great
+    vessel's wall and within a group's reach (8 mm gap, three 7 mm steps, its size) of
+    the aorta, pulmonary trunk or superior vena cava; no changed voxel within 2 mm of a
+    coronary tube, and the lesions and labels as without them."""
+    from cacflow.synth.phantom import _make_patient, _segment_distance
+
+    settings = PhantomSettings(**SMALL, perivascular_calcium=True)
+    patient = _make_patient(seed, settings)
+    blobs = [c for c in patient.calcium if c.kind == "perivascular"]
+    assert blobs
+    ax, ay = patient.body["aorta_xy"]
+    z_low, z_high = patient.z_range
+    down = (np.array([ax, ay, z_low - 10]), np.array([ax, ay, z_high + 40]), patient.body["aorta_r"])
+    anchors = [(a, b, g["radius"]) for g in patient.great_vessels if g["kind"] != "pulmonary_artery"
+               for a, b in zip(g["points"][:-1], g["points"][1:])] + [down]
+    walls = anchors + [(*g["points"], g["radius"]) for g in patient.great_vessels if g["kind"] == "pulmonary_artery"]
+    for blob in blobs:
+        gaps = [_segment_distance(blob.centre, a, b) - r - 1.5 for a, b, r in walls]
+        assert min(gaps) >= max(blob.semi) - 1e-9
+        assert min(_segment_distance(blob.centre, a, b) - r - 1.5 for a, b, r in anchors) <= 8 + 3 * 7 + 4.5
+
+    plain = generate_phantom(seed, PhantomSettings(**SMALL))
+    extra = generate_phantom(seed, settings)
+    changed = plain.hu != extra.hu
+    reach = int(math.ceil(2.0 / SMALL["pixel_spacing_mm"]))
+    near_artery = ndimage.binary_dilation(plain.vessel_labels > 0, structure=np.ones((1, 3, 3), bool), iterations=reach)
+    assert not (changed & near_artery).any()
+    assert extra.lesions == plain.lesions and (extra.coronary_labels == plain.coronary_labels).all()
+    assert [d for d in extra.distractors if d["kind"] != "perivascular"] == plain.distractors
 
 
 def test_called_coronary_takes_the_nearest_of_two_objects_in_reach():

@@ -5,7 +5,7 @@ schedule and both random generators)."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -292,19 +292,39 @@ def test_scattered_calcium_is_part_of_the_recipe_and_reaches_the_phantoms(tmp_pa
     assert "scattered_calcium" not in training._dataset_recipe(replace(config, scattered_calcium=False))
 
 
-def test_scattered_blobs_are_hard_negatives_wherever_they_lie(tmp_path):
+def test_perivascular_calcium_is_part_of_the_recipe_and_reaches_the_phantoms(tmp_path):
+    """``cacflow train --perivascular-calcium``: the phantoms are those without it plus
+    the blobs beside the great vessels; the dataset, the checkpoint recipe and the int8
+    copy's calibration stream (read back from model.json's record) name it."""
+    scattered = training.training_phantom(20261126, 1, scattered_calcium=True)
+    both = training.training_phantom(20261126, 1, scattered_calcium=True, perivascular_calcium=True)
+    assert any(d["kind"] == "perivascular" for d in both.distractors)
+    assert [d for d in both.distractors if d["kind"] != "perivascular"] == scattered.distractors
+    assert (both.coronary_labels == scattered.coronary_labels).all() and both.lesions == scattered.lesions
+    config = TrainingConfig(work_dir=str(tmp_path), model_dir=str(tmp_path / "model"), scattered_calcium=True,
+                            perivascular_calcium=True)
+    stream = {"seed": config.seed, "acquisition": "standard", "scattered_calcium": True, "perivascular_calcium": True}
+    assert training._dataset_recipe(config) == stream
+    assert training._checkpoint_recipe(config) != training._checkpoint_recipe(replace(config, perivascular_calcium=False))
+    assert training._last_stage_stream(asdict(config), None) == stream
+    assert "perivascular_calcium" not in training._dataset_recipe(replace(config, perivascular_calcium=False))
+
+
+@pytest.mark.parametrize("kind, index", [("scattered", 3), ("perivascular", 1)])
+def test_scattered_and_perivascular_blobs_are_hard_negatives_wherever_they_lie(tmp_path, kind, index):
     """Their centre cells join the hard-negative pool (crops are centred there 30 % of
     the time), also those far from any artery."""
     from cacflow.model.preprocessing import IGNORE_INDEX, network_inputs, network_targets
 
-    training._build_one((3, 20261126, "standard", True, tmp_path))
-    hard = {tuple(int(v) for v in cell) for cell in np.load(tmp_path / "00003_hard_negatives.npy")}
-    phantom = training.training_phantom(20261126, 3, scattered_calcium=True)
+    stream = training.training_stream(20261126, "standard", **{f"{kind}_calcium": True})
+    training._build_one((index, stream, tmp_path))
+    hard = {tuple(int(v) for v in cell) for cell in np.load(tmp_path / f"{index:05d}_hard_negatives.npy")}
+    phantom = training.training_phantom(index=index, **stream)
     _, grid = network_inputs(phantom.hu, phantom.spacing_mm)
     targets = network_targets(phantom.hu, phantom.coronary_labels, grid)
     saved_index = np.cumsum((targets != IGNORE_INDEX).any(axis=(1, 2))) - 1  # slices without calcium are not saved
     checked = 0
-    for blob in (d for d in phantom.distractors if d["kind"] == "scattered" and d["agatston_if_scored"] > 0):
+    for blob in (d for d in phantom.distractors if d["kind"] == kind and d["agatston_if_scored"] > 0):
         z, row, col = (int(round(v)) for v in blob["centre_voxel_zyx"])
         cell_row, cell_col = int(grid.row_index[row]), int(grid.col_index[col])
         if phantom.hu[z, row, col] >= 130 and targets[z, cell_row, cell_col] == 0:  # calcified, not coronary
@@ -410,3 +430,15 @@ def test_cli_trains_the_negatives_tune_only_when_asked(tmp_path, monkeypatch, ca
     assert cli.main(base + ["--coca-root", str(tmp_path), "--negatives-tune", "3:4"]) == 2
     assert "--negatives-tune cannot be combined with --coca-root" in capsys.readouterr().err
     assert cli.main(base + ["--coca-root", str(tmp_path)]) == 0 and recipes[-1].negatives_tune is None
+
+
+def test_cli_blob_flags_reach_the_training_recipe(tmp_path, monkeypatch):
+    recipes = []
+    monkeypatch.setattr(training, "train", lambda config: recipes.append(config) or {"model_version": "x"})
+    base = ["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m")]
+    assert cli.main(base) == 0
+    assert (recipes[-1].scattered_calcium, recipes[-1].perivascular_calcium) == (False, False)
+    assert cli.main(base + ["--perivascular-calcium"]) == 0
+    assert (recipes[-1].scattered_calcium, recipes[-1].perivascular_calcium) == (False, True)
+    assert cli.main(base + ["--scattered-calcium", "--perivascular-calcium"]) == 0
+    assert (recipes[-1].scattered_calcium, recipes[-1].perivascular_calcium) == (True, True)

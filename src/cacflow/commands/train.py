@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training phantoms also hold calcified blobs scattered through the chest away from "
                              "the coronary arteries (negatives of any look; docs/evaluation.md, "
                              "\"Calcium of kinds the training never shows\")")
+    parser.add_argument("--perivascular-calcium", action="store_true",
+                        help="training phantoms also hold calcified blobs, alone or in clusters and chains, just "
+                             "outside the aorta, pulmonary trunk and superior vena cava (negatives that pass most "
+                             "easily for the left main and proximal arteries; docs/evaluation.md)")
     parser.add_argument("--device", choices=TRAINING_DEVICES, default="auto",
                         help="auto: a CUDA GPU when torch sees one, else the CPU; cuda: fail without one")
     parser.add_argument("--init-weights", default=None,
@@ -106,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         members=() if args.coca_root else args.members or SHIPPED_MEMBERS, steps=args.steps, workers=args.workers,
         coca_root=str(args.coca_root) if args.coca_root else None, init_weights=init_weights,
         device=args.device, acquisition=args.acquisition, scattered_calcium=args.scattered_calcium,
+        perivascular_calcium=args.perivascular_calcium,
         int8_calibration_phantoms=args.int8_calibration_phantoms,
     )
     if args.coca_root and args.negatives_tune:

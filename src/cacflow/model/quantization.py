@@ -41,14 +41,14 @@ log = logging.getLogger(__name__)
 
 
 def phantom_inputs(indices, seed: int, acquisition: str = "standard",
-                   scattered_calcium: bool = False) -> list[np.ndarray]:
+                   scattered_calcium: bool = False, perivascular_calcium: bool = False) -> list[np.ndarray]:
     """Network inputs [z, C, H, W] of phantoms ``indices`` of the training stream ``seed``."""
     from cacflow.model.preprocessing import network_inputs
     from cacflow.training import training_phantom
 
     volumes = []
     for index in indices:
-        phantom = training_phantom(seed, index, acquisition, scattered_calcium)
+        phantom = training_phantom(seed, index, acquisition, scattered_calcium, perivascular_calcium)
         volumes.append(network_inputs(phantom.hu, phantom.spacing_mm)[0])
     return volumes
 
@@ -116,10 +116,10 @@ def _probabilities(session, volume: np.ndarray) -> np.ndarray:
 
 def export_int8(model_dir: Path, n_calibration: int = CALIBRATION_PHANTOMS, *, seed: int,
                 acquisition: str = "standard", n_parity: int = PARITY_PHANTOMS,
-                scattered_calcium: bool = False) -> dict:
+                scattered_calcium: bool = False, perivascular_calcium: bool = False) -> dict:
     """Quantize ``model_dir``'s calciumnet.onnx into calciumnet.int8.onnx, calibrated
     and checked on phantoms of the training stream ``seed`` / ``acquisition`` /
-    ``scattered_calcium``, and
+    ``scattered_calcium`` / ``perivascular_calcium``, and
     return what model.json records of it. A copy that fails the parity check is removed
     and the record says why."""
     from cacflow.model.engines import file_sha256
@@ -127,7 +127,7 @@ def export_int8(model_dir: Path, n_calibration: int = CALIBRATION_PHANTOMS, *, s
 
     model_dir = Path(model_dir)
     float_path, int8_path = model_dir / "calciumnet.onnx", model_dir / "calciumnet.int8.onnx"
-    stream = training_stream(seed, acquisition, scattered_calcium)
+    stream = training_stream(seed, acquisition, scattered_calcium, perivascular_calcium)
     quantize_model(float_path, int8_path, phantom_inputs(range(n_calibration), **stream))
     check = parity(float_path, int8_path, phantom_inputs(range(n_calibration, n_calibration + n_parity), **stream))
     record = {

@@ -100,6 +100,12 @@ class PhantomSettings:
     # coronary arteries (kind "scattered"): negatives that tie "coronary" to the
     # arteries' course rather than to how a blob looks, for training. Their own stream too.
     scattered_calcium: bool = False
+    # Calcified blobs, alone or in clusters and chains, in the fat just outside the
+    # ascending and descending aorta, the pulmonary trunk and the superior vena cava
+    # (kind "perivascular"): negatives where calcium outside the heart looks most like
+    # the left main and proximal arteries, for training. The right pulmonary artery is
+    # left out, so the check's hilar nodes stay at a place training never shows.
+    perivascular_calcium: bool = False
 
     def __post_init__(self) -> None:
         chosen = [self.n_coronary_lesions is not None, self.target_agatston is not None, self.lesions is not None]
@@ -796,8 +802,50 @@ def _draw_scattered_calcium(rng, body: dict, vessels: dict, taken: list, z_range
     return placed
 
 
+def _draw_perivascular_calcium(rng, body: dict, vessels: dict, great: list, taken: list, z_range) -> list[_Calcium]:
+    """2 to 6 groups of 1 to 4 calcified ellipsoids (a group is a cluster, or a chain
+    along one direction) 2-8 mm outside the wall of the ascending aorta above its root,
+    the descending aorta, the pulmonary trunk above the outflow tract or the superior
+    vena cava; not beside the right pulmonary artery. Each blob lies outside every great
+    vessel's wall, ``SCATTERED_CLEARANCE_MM`` from every coronary centreline and clear
+    of ``taken``; blobs of one group may touch (together they are one calcification)."""
+    placed: list[_Calcium] = []
+    centreline = np.concatenate([v["points"] for v in vessels.values()])
+    by_kind = {g["kind"]: g for g in great}
+    root, ascending_top = by_kind["aorta"]["points"][1:]
+    ax, ay = body["aorta_xy"]
+    descending = (np.array([ax, ay, z_range[0] - 10]), np.array([ax, ay, z_range[1] + 40]), body["aorta_r"])
+    # (start, end, radius, first usable fraction of the segment, lies against the spine)
+    anchors = [(root, ascending_top, by_kind["aorta"]["radius"], 0.15, False),
+               (*by_kind["pulmonary_trunk"]["points"], by_kind["pulmonary_trunk"]["radius"], 0.35, False),
+               (*by_kind["svc"]["points"], by_kind["svc"]["radius"], 0.2, False),
+               (*descending, 0.0, True)]
+    tubes = [(a, b, g["radius"]) for g in great for a, b in zip(g["points"][:-1], g["points"][1:])]
+    tubes.append(descending)
+    for _ in range(int(rng.integers(2, 7))):
+        start, end, radius, first, by_spine = anchors[int(rng.integers(len(anchors)))]
+        on_vessel = start + rng.uniform(first, 1.0) * (end - start)
+        out = _unit(np.cross(end - start, rng.normal(size=3)))
+        if by_spine and out[:2] @ (np.array([ax, ay]) - (0.0, body["vb_y"])) < 0:
+            out = -out  # away from the vertebral body, into the posterior mediastinum
+        centre = on_vessel + out * (radius + 1.5 + rng.uniform(2, 8))
+        chain = _unit(rng.normal(size=3)) if rng.random() < 0.5 else None
+        group: list[_Calcium] = []
+        for _member in range(int(rng.integers(1, 5))):
+            semi = np.sort(rng.uniform(1.2, 4.5, 3))[::-1]
+            obj = _Calcium(centre, _frame_along(rng.normal(size=3)), tuple(semi), rng.uniform(250, 1000), "perivascular")
+            outside_walls = all(_segment_distance(centre, a, b) >= r + 1.5 + semi[0] for a, b, r in tubes)
+            clear = np.min(np.linalg.norm(centreline - centre, axis=1)) - semi[0] >= SCATTERED_CLEARANCE_MM
+            if outside_walls and clear and _separated(obj, taken + placed, 0.0):
+                group.append(obj)
+            step = chain if chain is not None else _unit(rng.normal(size=3))
+            centre = (group[-1].centre if group else centre) + step * rng.uniform(3, 7)
+        placed += group
+    return placed
+
+
 _PATIENT_FIELDS = ("n_coronary_lesions", "target_agatston", "lesions", "lesion_seed", "include_distractors",
-                   "device_probability", "unfamiliar_calcium", "scattered_calcium")
+                   "device_probability", "unfamiliar_calcium", "scattered_calcium", "perivascular_calcium")
 
 
 @functools.lru_cache(maxsize=8)
@@ -829,6 +877,9 @@ def _make_patient(seed: int, settings: PhantomSettings) -> _Patient:
     if settings.scattered_calcium:
         extra += _draw_scattered_calcium(np.random.default_rng([seed, 4]), body, vessels,
                                          keep_clear + lesions + extra, z_range)
+    if settings.perivascular_calcium:
+        extra += _draw_perivascular_calcium(np.random.default_rng([seed, 5]), body, vessels, great,
+                                            keep_clear + lesions + extra, z_range)
     return _Patient(body, heart, vessels, great, lung_vessels, lesions + distractors + extra, devices, z_range)
 
 
