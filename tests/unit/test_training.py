@@ -345,7 +345,7 @@ def two_scattered_phantom_dataset(tmp_path_factory):
 
 def test_the_negatives_tune_is_the_trained_ensemble_tuned_on_phantoms_with_blobs(
         tmp_path, two_phantom_dataset, two_scattered_phantom_dataset, monkeypatch, one_torch_thread):
-    """Stage 2 of the shipped recipe: the ensemble the members make, tuned as a whole
+    """Stage 2 of a two-stage recipe: the ensemble the members make, tuned as a whole
     on the scattered-blob stream. Its weights are what tuning that ensemble by hand
     (``--init-weights``, ``--scattered-calcium``) gives; model.json records both stages;
     the int8 copy is calibrated on the tune's phantoms; a rerun trains nothing again,
@@ -353,7 +353,8 @@ def test_the_negatives_tune_is_the_trained_ensemble_tuned_on_phantoms_with_blobs
     from pathlib import Path
 
     calibrations = []  # (phantoms, scattered) of each int8 copy asked for
-    monkeypatch.setattr(training, "_export_int8", lambda folder, n, seed, acquisition, scattered_calcium=False:
+    monkeypatch.setattr(training, "_export_int8", lambda folder, n, seed, acquisition, scattered_calcium=False,
+                        perivascular_calcium=False:
                         calibrations.append((n, scattered_calcium)) or {})
     tune = training.NegativesTune(volumes=2, steps=3, learning_rate=1e-3)
     recipe = replace(_config(tmp_path, "two_stage", two_phantom_dataset), members=((2, 3), (1, 4)),
@@ -397,6 +398,9 @@ def test_the_negatives_tune_is_the_trained_ensemble_tuned_on_phantoms_with_blobs
     for changed in (replace(tune, steps=2), replace(tune, learning_rate=2e-3)):
         with pytest.raises(ValueError, match="negatives_tune/checkpoint.pt belongs to another recipe"):
             training.train(replace(recipe, negatives_tune=changed))
+    # Blobs beside the great vessels make other phantoms: the tune's dataset refuses them.
+    with pytest.raises(ValueError, match="was generated with"):
+        training.train(replace(recipe, negatives_tune=replace(tune, perivascular_calcium=True)))
 
     # A single network as the first stage: its record is the one member's.
     monkeypatch.setattr(training.CropSampler, "batch", real_batch)
@@ -410,26 +414,64 @@ def test_the_negatives_tune_is_the_trained_ensemble_tuned_on_phantoms_with_blobs
     assert [(m["n_volumes"], m["steps"], len(m["loss_history"])) for m in info["members"]] == [(2, 3, 3)]
 
 
-def test_cli_trains_the_negatives_tune_only_when_asked(tmp_path, monkeypatch, capsys):
+def test_the_shipped_model_json_records_the_recipe_snakemake_train_runs():
+    """``snakemake train`` / ``cacflow train`` with no recipe arguments train what the
+    shipped model.json says it is: the members, then the negatives tune from their
+    weights, in the two-stage form ``_train_then_tune`` writes."""
+    from cacflow.model.engines import ModelFiles
+
+    info = ModelFiles.packaged().info
+    assert info["model_version"] == TrainingConfig.model_version
+    default = TrainingConfig(work_dir="w", model_dir="m", members=training.SHIPPED_MEMBERS)
+    written = {k: v for k, v in json.loads(json.dumps(asdict(default))).items()
+               if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device", "dataset_dir",
+                            "int8_calibration_phantoms", "negatives_tune", "n_volumes", "steps")}
+    assert info["training"] == written  # the first stage's record, as export writes it
+    assert info["training"]["members"] == [list(m) for m in training.SHIPPED_MEMBERS]
+    assert [(m["n_volumes"], m["steps"]) for m in info["members"]] == list(training.SHIPPED_MEMBERS)
+    tune = info["negatives_tune"]
+    assert {k: tune[k] for k in asdict(training.SHIPPED_NEGATIVES_TUNE)} == asdict(training.SHIPPED_NEGATIVES_TUNE)
+    assert tune["phantoms"] == training.training_stream(20261126, "standard", True, True)
+    assert len(tune["loss_history"]) == tune["steps"] // 100 and info["ensemble_size"] == 2
+
+
+def test_cli_trains_the_shipped_recipe_unless_told_otherwise(tmp_path, monkeypatch, capsys):
     recipes = []
     monkeypatch.setattr(training, "train", lambda config: recipes.append(config) or {"model_version": "x"})
     base = ["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m")]
-    assert cli.main(base) == 0  # the shipped recipe
-    assert recipes[-1].members == training.SHIPPED_MEMBERS and recipes[-1].negatives_tune is None
+    assert cli.main(base) == 0  # the shipped recipe: the members, then the tune with both kinds of blobs
+    assert recipes[-1].members == training.SHIPPED_MEMBERS
+    assert recipes[-1].negatives_tune == training.NegativesTune(400, 5000, 5e-4, perivascular_calcium=True)
+    assert recipes[-1].negatives_tune == training.SHIPPED_NEGATIVES_TUNE
+    assert cli.main(base + ["--negatives-tune", "shipped"]) == 0
+    assert recipes[-1].negatives_tune == training.SHIPPED_NEGATIVES_TUNE
     assert cli.main(base + ["--negatives-tune", "800:9000"]) == 0
     assert recipes[-1].members == training.SHIPPED_MEMBERS
     assert recipes[-1].negatives_tune == training.NegativesTune(800, 9000, 5e-4)
     assert cli.main(base + ["--members", "2:2", "--negatives-tune", "3:4",
                             "--negatives-tune-learning-rate", "0.001"]) == 0
     assert recipes[-1].negatives_tune == training.NegativesTune(3, 4, 0.001)
+    assert cli.main(base + ["--negatives-tune", "3:4", "--negatives-tune-perivascular"]) == 0
+    assert recipes[-1].negatives_tune == training.NegativesTune(3, 4, 5e-4, perivascular_calcium=True)
+    # The two modifiers change a VOLUMES:STEPS tune only: with none or the shipped one they are refused.
+    for tune, modifier in (("none", ["--negatives-tune-perivascular"]), ("shipped", ["--negatives-tune-perivascular"]),
+                           ("shipped", ["--negatives-tune-learning-rate", "0.001"])):
+        assert cli.main(base + ["--negatives-tune", tune, *modifier]) == 2
+        assert "need --negatives-tune VOLUMES:STEPS" in capsys.readouterr().err
     assert cli.main(base + ["--negatives-tune", "none"]) == 0 and recipes[-1].negatives_tune is None
     with pytest.raises(SystemExit):
         cli.main(base + ["--negatives-tune", "800:9000,400:100"])
-    assert "expected one VOLUMES:STEPS pair or none" in capsys.readouterr().err
-    # A COCA fine-tune tunes on the annotated scans only: a phantom tune asked for with it is refused.
-    assert cli.main(base + ["--coca-root", str(tmp_path), "--negatives-tune", "3:4"]) == 2
-    assert "--negatives-tune cannot be combined with --coca-root" in capsys.readouterr().err
+    assert "expected one VOLUMES:STEPS pair, shipped or none" in capsys.readouterr().err
+    # A COCA fine-tune tunes on the annotated scans only: a phantom tune asked for with it is
+    # refused, and the shipped one is not applied.
+    for options in (["--negatives-tune", "3:4"], ["--negatives-tune", "shipped"], ["--negatives-tune-perivascular"]):
+        assert cli.main(base + ["--coca-root", str(tmp_path), *options]) == 2
+        assert "--negatives-tune options cannot be combined with --coca-root" in capsys.readouterr().err
     assert cli.main(base + ["--coca-root", str(tmp_path)]) == 0 and recipes[-1].negatives_tune is None
+    for rate in ("0", "-1e-3", "fast"):
+        with pytest.raises(SystemExit):
+            cli.main(base + ["--negatives-tune", "3:4", "--negatives-tune-learning-rate", rate])
+        assert "expected a positive number" in capsys.readouterr().err
 
 
 def test_cli_blob_flags_reach_the_training_recipe(tmp_path, monkeypatch):

@@ -102,9 +102,14 @@ def training_arguments():
             f"--init-weights packaged --steps {training.get('fine_tune_steps', 2000)} "
             f"--learning-rate {training.get('fine_tune_learning_rate', 0.0005)} {device}"
         )
-    # No members in the config: `cacflow train` trains the shipped model's recipe.
+    # No members in the config: `cacflow train` trains the shipped model's members.
     members = ",".join(f"{m['volumes']}:{m['steps']}" for m in training.get("members", []))
-    tune = training.get("negatives_tune")
-    tune = (f"--negatives-tune {tune['volumes']}:{tune['steps']} --negatives-tune-learning-rate {tune['learning_rate']}"
-            if tune else "--negatives-tune none")
+    # "shipped" (the default), null, or a mapping: a user's mapping replaces the default
+    # whole (Snakemake merges mappings key by key, so the default is not one).
+    tune = training.get("negatives_tune", "shipped")
+    if tune == "shipped" or not tune:
+        tune = f"--negatives-tune {tune or 'none'}"
+    else:
+        tune = (f"--negatives-tune {tune['volumes']}:{tune['steps']} --negatives-tune-learning-rate "
+                f"{tune['learning_rate']}" + (" --negatives-tune-perivascular" if tune.get("perivascular_calcium") else ""))
     return f"--work-dir results/training {f'--members {members} ' if members else ''}{tune} {device}"

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from cacflow.model.quantization import CALIBRATION_PHANTOMS
-from cacflow.training import ACQUISITION_RECIPES, TRAINING_DEVICES, NegativesTune
+from cacflow.training import ACQUISITION_RECIPES, SHIPPED_NEGATIVES_TUNE, TRAINING_DEVICES, NegativesTune
 
 NAME = "train"
 HELP = ("train the coronary calcium network on generated phantoms, or fine-tune it on COCA-format "
@@ -22,12 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--members", type=_members, default=None, metavar="VOLUMES:STEPS[,VOLUMES:STEPS...]",
                         help="phantoms and steps of each network of the ensemble (default: the shipped model's "
                              "recipe, 400:20000,800:30000); one pair trains a single network")
-    parser.add_argument("--negatives-tune", type=_negatives_tune, default=None, metavar="VOLUMES:STEPS|none",
+    parser.add_argument("--negatives-tune", type=_negatives_tune, default=None,
+                        metavar="VOLUMES:STEPS|shipped|none",
                         help="then tune the trained network(s), all together, on this many phantoms with calcified "
-                             "blobs scattered away from the arteries, for this many steps (default: none, the "
-                             "shipped recipe; 800:9000 was tried: docs/evaluation.md)")
-    parser.add_argument("--negatives-tune-learning-rate", type=float, default=NegativesTune.learning_rate,
-                        help="peak of the tune's one-cycle schedule")
+                             "blobs scattered away from the arteries, for this many steps (default: shipped, the "
+                             "shipped model's second stage, 400:5000 with perivascular blobs; none: stop after the "
+                             "members; docs/evaluation.md). Not applied to a COCA fine-tune")
+    parser.add_argument("--negatives-tune-learning-rate", type=_positive_float, default=None,
+                        help=f"peak of a VOLUMES:STEPS tune's one-cycle schedule (default {NegativesTune.learning_rate})")
+    parser.add_argument("--negatives-tune-perivascular", action="store_true",
+                        help="a VOLUMES:STEPS tune's phantoms also hold calcified blobs beside the great vessels "
+                             "(as --perivascular-calcium)")
     parser.add_argument("--steps", type=int, default=2000, help="steps of a COCA fine-tune")
     parser.add_argument("--seed", type=int, default=20261126)
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
@@ -86,14 +92,25 @@ def _members(text: str) -> tuple[tuple[int, int], ...]:
     return members
 
 
-def _negatives_tune(text: str) -> tuple[int, int] | None:
-    """(volumes, steps), or None for "none"."""
-    if text == "none":
-        return None
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _negatives_tune(text: str) -> NegativesTune | str:
+    """"shipped" or "none" as they are, else a tune of VOLUMES:STEPS with the default
+    learning rate and blobs."""
+    if text in ("shipped", "none"):
+        return text
     pairs = _members(text)
     if len(pairs) != 1:
-        raise argparse.ArgumentTypeError(f"expected one VOLUMES:STEPS pair or none, got {text!r}")
-    return pairs[0]
+        raise argparse.ArgumentTypeError(f"expected one VOLUMES:STEPS pair, shipped or none, got {text!r}")
+    return NegativesTune(*pairs[0])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,12 +130,22 @@ def run(args: argparse.Namespace) -> int:
         perivascular_calcium=args.perivascular_calcium,
         int8_calibration_phantoms=args.int8_calibration_phantoms,
     )
-    if args.coca_root and args.negatives_tune:
-        print("cacflow train: --negatives-tune cannot be combined with --coca-root (a COCA fine-tune tunes on "
-              "the annotated scans only)", file=sys.stderr)
+    tune = args.negatives_tune  # None: not given
+    modifiers = args.negatives_tune_perivascular or args.negatives_tune_learning_rate is not None
+    if args.coca_root and (tune is not None or modifiers):
+        print("cacflow train: --negatives-tune options cannot be combined with --coca-root (a COCA fine-tune "
+              "tunes on the annotated scans only)", file=sys.stderr)
         return 2
-    if args.negatives_tune:
-        config.negatives_tune = NegativesTune(*args.negatives_tune, learning_rate=args.negatives_tune_learning_rate)
+    if isinstance(tune, NegativesTune):
+        tune = replace(tune, perivascular_calcium=args.negatives_tune_perivascular,
+                       learning_rate=args.negatives_tune_learning_rate or tune.learning_rate)
+    elif modifiers:
+        print("cacflow train: --negatives-tune-perivascular and --negatives-tune-learning-rate need "
+              "--negatives-tune VOLUMES:STEPS", file=sys.stderr)
+        return 2
+    # Not given: the shipped recipe's tune, except for a COCA fine-tune.
+    config.negatives_tune = (None if args.coca_root or tune == "none"
+                             else SHIPPED_NEGATIVES_TUNE if tune in (None, "shipped") else tune)
     if args.learning_rate:
         config.learning_rate = args.learning_rate
     if args.batch_size:

@@ -103,8 +103,9 @@ class PhantomSettings:
     # Calcified blobs, alone or in clusters and chains, in the fat just outside the
     # ascending and descending aorta, the pulmonary trunk and the superior vena cava
     # (kind "perivascular"): negatives where calcium outside the heart looks most like
-    # the left main and proximal arteries, for training. The right pulmonary artery is
-    # left out, so the check's hilar nodes stay at a place training never shows.
+    # the left main and proximal arteries, for training. No group starts beside the
+    # right pulmonary artery, so the check's hilar nodes lie where training seldom
+    # puts calcium (a chain can still reach it: docs/synth.md).
     perivascular_calcium: bool = False
 
     def __post_init__(self) -> None:
@@ -806,7 +807,7 @@ def _draw_perivascular_calcium(rng, body: dict, vessels: dict, great: list, take
     """2 to 6 groups of 1 to 4 calcified ellipsoids (a group is a cluster, or a chain
     along one direction) 2-8 mm outside the wall of the ascending aorta above its root,
     the descending aorta, the pulmonary trunk above the outflow tract or the superior
-    vena cava; not beside the right pulmonary artery. Each blob lies outside every great
+    vena cava; none starts beside the right pulmonary artery. Each blob lies outside every great
     vessel's wall, ``SCATTERED_CLEARANCE_MM`` from every coronary centreline and clear
     of ``taken``; blobs of one group may touch (together they are one calcification)."""
     placed: list[_Calcium] = []
