@@ -470,7 +470,7 @@ def test_cli_trains_the_shipped_recipe_unless_told_otherwise(tmp_path, monkeypat
     assert cli.main(base + ["--coca-root", str(tmp_path)]) == 0 and recipes[-1].negatives_tune is None
     for rate in ("0", "-1e-3", "fast"):
         with pytest.raises(SystemExit):
-            cli.main(base + ["--negatives-tune", "3:4", "--negatives-tune-learning-rate", rate])
+            cli.main(base + ["--negatives-tune", "3:4", f"--negatives-tune-learning-rate={rate}"])
         assert "expected a positive number" in capsys.readouterr().err
 
 
