@@ -604,6 +604,15 @@ def _fit(config: TrainingConfig):
     return network.to("cpu").eval(), history
 
 
+def training_record(config: TrainingConfig, ensemble: bool) -> dict:
+    """model.json's ``training`` block: the recipe, without paths, devices and what
+    has a record of its own (an ensemble's ``n_volumes``/``steps`` are its members')."""
+    return {k: v for k, v in asdict(config).items()
+            if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device", "dataset_dir",
+                         "int8_calibration_phantoms", "negatives_tune")
+            and not (ensemble and k in ("n_volumes", "steps"))}
+
+
 def export(network, config: TrainingConfig, history: list, members: list | None = None,
            negatives_tune: dict | None = None) -> dict:
     """Write weights, the ONNX graph (checked against PyTorch) and model.json
@@ -619,10 +628,7 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
     max_error = export_onnx(network, model_dir / "calciumnet.onnx")
     # A COCA fine-tune gets none: its copy would be calibrated and checked on phantoms,
     # not on the real scans it was tuned for; the CPU engine then runs the float graph.
-    training = {k: v for k, v in asdict(config).items()
-                if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device", "dataset_dir",
-                             "int8_calibration_phantoms", "negatives_tune")
-                and not (members and k in ("n_volumes", "steps"))}
+    training = training_record(config, bool(members))
     int8 = _export_int8(model_dir, 0 if config.coca_root else config.int8_calibration_phantoms,
                         **_last_stage_stream(training, negatives_tune))
     members_in_network = ensemble_size(network.state_dict())
