@@ -65,6 +65,7 @@ class NegativesTune:
     steps: int
     learning_rate: float = 5e-4
     perivascular_calcium: bool = False
+    speck_lesions: bool = False  # and faint, tiny coronary plaques (PhantomSettings.speck_lesions)
 
 
 @dataclass
@@ -101,6 +102,9 @@ class TrainingConfig:
     # (PhantomSettings.perivascular_calcium): negatives where they pass most easily for
     # the left main and proximal arteries.
     perivascular_calcium: bool = False
+    # ... and 1-3 extra faint, tiny coronary plaques at the edge of what a scan shows
+    # (PhantomSettings.speck_lesions): positives the risk mix holds in a few scans only.
+    speck_lesions: bool = False
     # Phantoms that calibrate the int8 copy of the graph for the CPU engine
     # (cacflow.model.quantization); 0 writes none (that engine then runs the float graph).
     int8_calibration_phantoms: int = CALIBRATION_PHANTOMS
@@ -223,13 +227,13 @@ def randomised_phantom_settings(rng: np.random.Generator):
 
 
 def training_phantom(seed: int, index: int, acquisition: str = "standard", scattered_calcium: bool = False,
-                     perivascular_calcium: bool = False):
+                     perivascular_calcium: bool = False, speck_lesions: bool = False):
     """Phantom ``index`` of the training stream ``seed`` (what the dataset holds)."""
     from cacflow.synth.phantom import generate_phantom
 
     rng = np.random.default_rng([seed, index])
     settings = replace(training_phantom_settings(rng, acquisition), scattered_calcium=scattered_calcium,
-                       perivascular_calcium=perivascular_calcium)
+                       perivascular_calcium=perivascular_calcium, speck_lesions=speck_lesions)
     return generate_phantom(int(rng.integers(2**31)), settings)
 
 
@@ -277,17 +281,19 @@ def build_dataset(config: TrainingConfig) -> Path:
 
 
 def training_stream(seed: int, acquisition: str = "standard", scattered_calcium: bool = False,
-                    perivascular_calcium: bool = False) -> dict:
+                    perivascular_calcium: bool = False, speck_lesions: bool = False) -> dict:
     """What the phantoms of a training stream depend on, as dataset.json and the int8
     copy's calibration record it (keys named as ``training_phantom``'s arguments). The
-    scattered and perivascular calcium are named only when asked for, so records
-    written before they existed keep their form."""
+    scattered and perivascular calcium and the specks are named only when asked for,
+    so records written before they existed keep their form."""
     return {"seed": seed, "acquisition": acquisition, **({"scattered_calcium": True} if scattered_calcium else {}),
-            **({"perivascular_calcium": True} if perivascular_calcium else {})}
+            **({"perivascular_calcium": True} if perivascular_calcium else {}),
+            **({"speck_lesions": True} if speck_lesions else {})}
 
 
 def _dataset_recipe(config: TrainingConfig) -> dict:
-    return training_stream(config.seed, config.acquisition, config.scattered_calcium, config.perivascular_calcium)
+    return training_stream(config.seed, config.acquisition, config.scattered_calcium, config.perivascular_calcium,
+                           config.speck_lesions)
 
 
 def _claim_dataset(data_dir: Path, recipe: dict) -> None:
@@ -448,7 +454,8 @@ def _train_then_tune(config: TrainingConfig) -> dict:
     members = base_info.get("members") or [_member_record(base_info, base_weights)]
     tuned = replace(config, negatives_tune=None, members=(), n_volumes=tune.volumes, steps=tune.steps,
                     learning_rate=tune.learning_rate, scattered_calcium=True,
-                    perivascular_calcium=tune.perivascular_calcium, dataset_dir=None, notes={},
+                    perivascular_calcium=tune.perivascular_calcium, speck_lesions=tune.speck_lesions,
+                    dataset_dir=None, notes={},
                     work_dir=str(work_dir / "negatives_tune"), init_weights=str(base_weights))
     network, history = _fit(tuned)
     block = {**asdict(tune), "phantoms": _dataset_recipe(tuned),
@@ -630,7 +637,7 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
     # not on the real scans it was tuned for; the CPU engine then runs the float graph.
     training = training_record(config, bool(members))
     int8 = _export_int8(model_dir, 0 if config.coca_root else config.int8_calibration_phantoms,
-                        **_last_stage_stream(training, negatives_tune))
+                        _last_stage_stream(training, negatives_tune))
     members_in_network = ensemble_size(network.state_dict())
     info = {
         "model_version": config.model_version,
@@ -706,7 +713,7 @@ def refresh_int8(model_dir: str | Path, int8_calibration_phantoms: int = CALIBRA
     info = json.loads((model_dir / "model.json").read_text())
     info.pop("int8", None)
     int8 = _export_int8(model_dir, int8_calibration_phantoms,
-                        **_last_stage_stream(info.get("training", {}), info.get("negatives_tune")))
+                        _last_stage_stream(info.get("training", {}), info.get("negatives_tune")))
     if int8:
         info["int8"] = int8
     atomic_write_text(model_dir / "model.json", json.dumps(info, indent=2) + "\n")
@@ -719,11 +726,11 @@ def _last_stage_stream(training: dict, negatives_tune: dict | None) -> dict:
     if negatives_tune:
         return negatives_tune["phantoms"]
     return training_stream(int(training.get("seed", TrainingConfig.seed)), training.get("acquisition", "standard"),
-                           bool(training.get("scattered_calcium")), bool(training.get("perivascular_calcium")))
+                           bool(training.get("scattered_calcium")), bool(training.get("perivascular_calcium")),
+                           bool(training.get("speck_lesions")))
 
 
-def _export_int8(model_dir: Path, n_calibration: int, seed: int, acquisition: str,
-                 scattered_calcium: bool = False, perivascular_calcium: bool = False) -> dict:
+def _export_int8(model_dir: Path, n_calibration: int, stream: dict) -> dict:
     """The int8 copy of the graph (``cacflow.model.quantization``) and what model.json
     records of it; with no calibration phantoms, none, and no stale copy left behind."""
     from cacflow.model.quantization import export_int8
@@ -731,8 +738,7 @@ def _export_int8(model_dir: Path, n_calibration: int, seed: int, acquisition: st
     if n_calibration <= 0:
         (model_dir / "calciumnet.int8.onnx").unlink(missing_ok=True)
         return {}
-    return export_int8(model_dir, n_calibration, seed=seed, acquisition=acquisition,
-                       scattered_calcium=scattered_calcium, perivascular_calcium=perivascular_calcium)
+    return export_int8(model_dir, n_calibration, stream=stream)
 
 
 def _training_ranges(config: TrainingConfig) -> dict:
@@ -800,6 +806,10 @@ ACQUISITION_CHANGES = {
     # Tube voltages other than 100 and 120 kVp: calcium is brighter at 80, dimmer at 140.
     "kvp_80": lambda settings, rng: replace(settings, kvp=80),
     "kvp_140": lambda settings, rng: replace(settings, kvp=140),
+    # Not an acquisition: no planned lesions, only the 1-3 faint, tiny plaques of
+    # PhantomSettings.speck_lesions (about 40 % of them score 0), for the speck check.
+    "specks": lambda settings, rng: replace(settings, n_coronary_lesions=0, target_agatston=None,
+                                            speck_lesions=True),
 }
 
 

@@ -1,7 +1,8 @@
 """Figures of a trained model on generated scans it never saw (the model card's numbers).
 
     python tests/benchmarks/model_checks.py src/cacflow/model/weights \\
-        [--validation 60] [--holdout 40] [--noncoronary 40] [--unfamiliar 40] [--thin 40] [--outside 40]
+        [--validation 60] [--holdout 40] [--noncoronary 40] [--unfamiliar 40] [--specks 40] [--thin 40]
+        [--outside 40]
         [--workers 2]
 
 * validation: 60 phantoms, seed 55000001 (the set that chooses between models);
@@ -13,6 +14,10 @@
   breast arteries: ``cacflow.synth.phantom.UNFAMILIAR_CALCIUM_KINDS``) beside the
   usual distractors, seed 41000001: the share scored 0, and which kinds the model
   called coronary. How a simulator-trained model meets calcium it has not learnt.
+* specks: 40 phantoms with no planned coronary lesions but 1-3 faint, tiny coronary
+  plaques each (``PhantomSettings.speck_lesions``; about 40 % of them score 0, so some
+  scans are negatives), seed 23000001: sensitivity for calcium at the edge of what a
+  scan shows, where the model's misses lie (docs/evaluation.md).
 * thin: 40 phantoms reconstructed as 1.25 mm slices, thinner than any training scan
   (2.5-5 mm slices; some at half increments, so 1.25 mm apart, but never 1.25 mm
   thick, with its higher noise); thin recons are common in chest CT archives.
@@ -64,6 +69,8 @@ def main() -> None:
     parser.add_argument("--noncoronary", type=int, default=40, help="non-coronary-calcium-only phantoms (0: skip)")
     parser.add_argument("--unfamiliar", type=int, default=40,
                         help="phantoms with calcium of kinds training never shows, and no coronary calcium (0: skip)")
+    parser.add_argument("--specks", type=int, default=40,
+                        help="phantoms whose only coronary calcium is 1-3 faint, tiny plaques (0: skip)")
     parser.add_argument("--thin", type=int, default=40, help="phantoms at 1.25 mm slices (0: skip)")
     parser.add_argument("--outside", type=int, default=40,
                         help="phantoms per acquisition check (440-500 mm non-gated fields of view, 80 kVp, "
@@ -82,6 +89,8 @@ def main() -> None:
         ("noncoronary", args.noncoronary, lambda n: noncoronary_check(folder, n, 31_000_001, workers, engine=engine)),
         ("unfamiliar", args.unfamiliar,
          lambda n: unfamiliar_calcium_check(folder, n, 41_000_001, workers, engine=engine)),
+        ("specks", args.specks,
+         lambda n: holdout_check(folder, n, 23_000_001, workers, change="specks", engine=engine)),
         ("thin", args.thin, lambda n: holdout_check(folder, n, 12_500_001, workers, change="thin", engine=engine)),
         *[(name, args.outside, lambda n, change=change, seed=seed: holdout_check(
             folder, n, seed, workers, change=change, engine=engine)) for name, change, seed in OUTSIDE_CHECKS],

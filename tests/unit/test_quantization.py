@@ -17,7 +17,7 @@ from cacflow.model.network import CalciumNet
 from cacflow.model.preprocessing import N_INPUT_CHANNELS
 from cacflow.model.quantization import quantize_model
 from cacflow.synth.phantom import generate_phantom
-from cacflow.training import TrainingConfig, export, randomised_phantom_settings
+from cacflow.training import TrainingConfig, export, randomised_phantom_settings, training_stream
 
 SHIPPED = ModelFiles.packaged()
 SMALL_NETWORK = (8, 8, 16, 16, 16)
@@ -90,7 +90,7 @@ def test_export_writes_the_int8_copy_and_model_json_records_it(small_model):
 def test_quantizing_the_same_graph_on_the_same_phantoms_gives_the_same_file(small_model, tmp_path):
     from cacflow.model.quantization import phantom_inputs
 
-    calibration = phantom_inputs([0], seed=20261126)  # what export calibrated on
+    calibration = phantom_inputs([0], training_stream(20261126))  # what export calibrated on
     quantize_model(small_model.onnx_path, tmp_path / "again.onnx", calibration)
     assert (tmp_path / "again.onnx").read_bytes() == small_model.int8_onnx_path.read_bytes()
 
@@ -171,7 +171,7 @@ def test_a_copy_that_fails_the_parity_check_is_not_kept(small_model, tmp_path, m
 
     folder = _copy(small_model, tmp_path / "model").directory
     monkeypatch.setattr(quantization, "MIN_SAME_CLASS_SHARE", 1.01)
-    record = quantization.export_int8(folder, 1, seed=20261126, n_parity=1)
+    record = quantization.export_int8(folder, 1, stream=training_stream(20261126), n_parity=1)
     assert record["not_kept"] == "parity check failed" and record["file"] is None
     assert not (folder / "calciumnet.int8.onnx").exists()
     assert create_engine("onnxruntime", ModelFiles(folder), threads=1).label == "onnxruntime-cpu-fp32"

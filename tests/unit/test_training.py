@@ -355,9 +355,8 @@ def test_the_negatives_tune_is_the_trained_ensemble_tuned_on_phantoms_with_blobs
     from pathlib import Path
 
     calibrations = []  # (phantoms, scattered) of each int8 copy asked for
-    monkeypatch.setattr(training, "_export_int8", lambda folder, n, seed, acquisition, scattered_calcium=False,
-                        perivascular_calcium=False:
-                        calibrations.append((n, scattered_calcium)) or {})
+    monkeypatch.setattr(training, "_export_int8", lambda folder, n, stream:
+                        calibrations.append((n, bool(stream.get("scattered_calcium")))) or {})
     tune = training.NegativesTune(volumes=2, steps=3, learning_rate=1e-3)
     recipe = replace(_config(tmp_path, "two_stage", two_phantom_dataset), members=((2, 3), (1, 4)),
                      negatives_tune=tune, model_version="9.9.9", int8_calibration_phantoms=5)

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negatives-tune-perivascular", action="store_true",
                         help="a VOLUMES:STEPS tune's phantoms also hold calcified blobs beside the great vessels "
                              "(as --perivascular-calcium)")
+    parser.add_argument("--negatives-tune-specks", action="store_true",
+                        help="a VOLUMES:STEPS tune's phantoms also hold faint, tiny coronary plaques "
+                             "(as --speck-lesions)")
     parser.add_argument("--steps", type=int, default=2000, help="steps of a COCA fine-tune")
     parser.add_argument("--seed", type=int, default=20261126)
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
@@ -54,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training phantoms also hold calcified blobs, alone or in clusters and chains, just "
                              "outside the aorta, pulmonary trunk and superior vena cava (negatives that pass most "
                              "easily for the left main and proximal arteries; docs/evaluation.md)")
+    parser.add_argument("--speck-lesions", action="store_true",
+                        help="training phantoms also hold 1-3 faint, tiny coronary plaques at the edge of what a "
+                             "scan shows (positives the risk mix holds in few scans; docs/evaluation.md)")
     parser.add_argument("--device", choices=TRAINING_DEVICES, default="auto",
                         help="auto: a CUDA GPU when torch sees one, else the CPU; cuda: fail without one")
     parser.add_argument("--init-weights", default=None,
@@ -127,20 +133,23 @@ def run(args: argparse.Namespace) -> int:
         members=() if args.coca_root else args.members or SHIPPED_MEMBERS, steps=args.steps, workers=args.workers,
         coca_root=str(args.coca_root) if args.coca_root else None, init_weights=init_weights,
         device=args.device, acquisition=args.acquisition, scattered_calcium=args.scattered_calcium,
-        perivascular_calcium=args.perivascular_calcium,
+        perivascular_calcium=args.perivascular_calcium, speck_lesions=args.speck_lesions,
         int8_calibration_phantoms=args.int8_calibration_phantoms,
     )
     tune = args.negatives_tune  # None: not given
-    modifiers = args.negatives_tune_perivascular or args.negatives_tune_learning_rate is not None
+    modifiers = (args.negatives_tune_perivascular or args.negatives_tune_specks
+                 or args.negatives_tune_learning_rate is not None)
     if args.coca_root and (tune is not None or modifiers):
         print("cacflow train: --negatives-tune options cannot be combined with --coca-root (a COCA fine-tune "
               "tunes on the annotated scans only)", file=sys.stderr)
         return 2
     if isinstance(tune, NegativesTune):
         tune = replace(tune, perivascular_calcium=args.negatives_tune_perivascular,
+                       speck_lesions=args.negatives_tune_specks,
                        learning_rate=args.negatives_tune_learning_rate or tune.learning_rate)
     elif modifiers:
-        print("cacflow train: --negatives-tune-perivascular and --negatives-tune-learning-rate need "
+        print("cacflow train: --negatives-tune-perivascular, --negatives-tune-specks and "
+              "--negatives-tune-learning-rate need "
               "--negatives-tune VOLUMES:STEPS", file=sys.stderr)
         return 2
     # Not given: the shipped recipe's tune, except for a COCA fine-tune.

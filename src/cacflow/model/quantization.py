@@ -40,15 +40,15 @@ MIN_SAME_CLASS_SHARE = 0.999
 log = logging.getLogger(__name__)
 
 
-def phantom_inputs(indices, seed: int, acquisition: str = "standard",
-                   scattered_calcium: bool = False, perivascular_calcium: bool = False) -> list[np.ndarray]:
-    """Network inputs [z, C, H, W] of phantoms ``indices`` of the training stream ``seed``."""
+def phantom_inputs(indices, stream: dict) -> list[np.ndarray]:
+    """Network inputs [z, C, H, W] of phantoms ``indices`` of a training stream
+    (``cacflow.training.training_stream``)."""
     from cacflow.model.preprocessing import network_inputs
     from cacflow.training import training_phantom
 
     volumes = []
     for index in indices:
-        phantom = training_phantom(seed, index, acquisition, scattered_calcium, perivascular_calcium)
+        phantom = training_phantom(index=index, **stream)
         volumes.append(network_inputs(phantom.hu, phantom.spacing_mm)[0])
     return volumes
 
@@ -114,22 +114,18 @@ def _probabilities(session, volume: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def export_int8(model_dir: Path, n_calibration: int = CALIBRATION_PHANTOMS, *, seed: int,
-                acquisition: str = "standard", n_parity: int = PARITY_PHANTOMS,
-                scattered_calcium: bool = False, perivascular_calcium: bool = False) -> dict:
+def export_int8(model_dir: Path, n_calibration: int = CALIBRATION_PHANTOMS, *, stream: dict,
+                n_parity: int = PARITY_PHANTOMS) -> dict:
     """Quantize ``model_dir``'s calciumnet.onnx into calciumnet.int8.onnx, calibrated
-    and checked on phantoms of the training stream ``seed`` / ``acquisition`` /
-    ``scattered_calcium`` / ``perivascular_calcium``, and
-    return what model.json records of it. A copy that fails the parity check is removed
+    and checked on phantoms of a training stream (``cacflow.training.training_stream``),
+    and return what model.json records of it. A copy that fails the parity check is removed
     and the record says why."""
     from cacflow.model.engines import file_sha256
-    from cacflow.training import training_stream
 
     model_dir = Path(model_dir)
     float_path, int8_path = model_dir / "calciumnet.onnx", model_dir / "calciumnet.int8.onnx"
-    stream = training_stream(seed, acquisition, scattered_calcium, perivascular_calcium)
-    quantize_model(float_path, int8_path, phantom_inputs(range(n_calibration), **stream))
-    check = parity(float_path, int8_path, phantom_inputs(range(n_calibration, n_calibration + n_parity), **stream))
+    quantize_model(float_path, int8_path, phantom_inputs(range(n_calibration), stream))
+    check = parity(float_path, int8_path, phantom_inputs(range(n_calibration, n_calibration + n_parity), stream))
     record = {
         "file": int8_path.name,
         "method": "ONNX Runtime static QDQ: Conv weights int8 per channel (7-bit range), "

@@ -107,6 +107,11 @@ class PhantomSettings:
     # right pulmonary artery, so the check's hilar nodes lie where training seldom
     # puts calcium (a chain can still reach it: docs/synth.md).
     perivascular_calcium: bool = False
+    # 1 to 3 extra faint, tiny coronary plaques ("specks", SPECK_SEMI_AXIS_MM and
+    # SPECK_PEAK_HU), on top of the lesion plan and from a stream of their own: positives
+    # at the edge of what a scan shows, which the risk mix holds only in a few 1-10
+    # scans, for training. They are coronary lesions in the ground truth like any other.
+    speck_lesions: bool = False
 
     def __post_init__(self) -> None:
         chosen = [self.n_coronary_lesions is not None, self.target_agatston is not None, self.lesions is not None]
@@ -845,8 +850,26 @@ def _draw_perivascular_calcium(rng, body: dict, vessels: dict, great: list, take
     return placed
 
 
+SPECK_SEMI_AXIS_MM = (0.9, 1.8)  # along the vessel; planned lesions of small budgets: 1.2-2.2
+SPECK_PEAK_HU = (200.0, 450.0)  # about 40 % then score 0, 45 % 0.5-5 Agatston (docs/synth.md)
+
+
+def _draw_speck_lesions(rng, vessels: dict, taken: list) -> list[_Calcium]:
+    """1 to 3 tiny, faint coronary plaques, each clear of ``taken`` and of each other
+    (a speck that cannot be placed so after 50 draws is left out)."""
+    placed: list[_Calcium] = []
+    for _ in range(int(rng.integers(1, 4))):
+        for _ in range(50):
+            speck = _draw_lesion(rng, vessels, SPECK_SEMI_AXIS_MM, SPECK_PEAK_HU)
+            if _separated(speck, taken + placed):
+                placed.append(speck)
+                break
+    return placed
+
+
 _PATIENT_FIELDS = ("n_coronary_lesions", "target_agatston", "lesions", "lesion_seed", "include_distractors",
-                   "device_probability", "unfamiliar_calcium", "scattered_calcium", "perivascular_calcium")
+                   "device_probability", "unfamiliar_calcium", "scattered_calcium", "perivascular_calcium",
+                   "speck_lesions")
 
 
 @functools.lru_cache(maxsize=8)
@@ -881,6 +904,8 @@ def _make_patient(seed: int, settings: PhantomSettings) -> _Patient:
     if settings.perivascular_calcium:
         extra += _draw_perivascular_calcium(np.random.default_rng([seed, 5]), body, vessels, great,
                                             keep_clear + lesions + extra, z_range)
+    if settings.speck_lesions:
+        extra += _draw_speck_lesions(np.random.default_rng([seed, 6]), vessels, keep_clear + lesions + extra)
     return _Patient(body, heart, vessels, great, lung_vessels, lesions + distractors + extra, devices, z_range)
 
 
