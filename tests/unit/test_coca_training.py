@@ -135,12 +135,12 @@ def test_snakemake_train_fine_tunes_when_the_config_names_a_coca_root(tmp_path):
     assert ("--members 400:20000,800:30000 --negatives-tune 800:9000 --negatives-tune-learning-rate 0.0005 "
             "--device auto") in tuned.stdout
     two_stage.write_text("training:\n  negatives_tune: {volumes: 400, steps: 5000, learning_rate: 0.001,\n"
-                         "                   perivascular_calcium: true}\n")
+                         "                   perivascular_calcium: true, speck_lesions: true}\n")
     tuned = subprocess.run([*command, "--configfile", str(two_stage)], capture_output=True, text=True, env=env,
                            cwd=tmp_path)
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     assert ("--negatives-tune 400:5000 --negatives-tune-learning-rate 0.001 --negatives-tune-perivascular "
-            "--device auto") in tuned.stdout
+            "--negatives-tune-specks --device auto") in tuned.stdout
     extra = tmp_path / "coca.yaml"
     extra.write_text("training:\n  coca_root: /data/my coca\n  fine_tune_steps: 700\n  device: cuda\n")
     tuned = subprocess.run([*command, "--configfile", str(extra)], capture_output=True, text=True, env=env, cwd=tmp_path)

@@ -312,6 +312,34 @@ def test_perivascular_calcium_lies_beside_the_great_vessels_and_clear_of_the_art
     assert [d for d in extra.distractors if d["kind"] != "perivascular"] == plain.distractors
 
 
+@pytest.mark.parametrize("seed", [21, 22, 23])
+def test_speck_lesions_are_tiny_faint_plaques_on_the_arteries_added_to_the_plan(seed):
+    """The training positives at the edge of what a scan shows: 1-3 coronary plaques of
+    the speck sizes and densities, each on its artery's wall (centre within the
+    vessel's radius of its centreline), added after the planned lesions, which keep
+    their entries, labels and distractors."""
+    from cacflow.synth.phantom import SPECK_PEAK_HU, SPECK_SEMI_AXIS_MM, _make_patient
+
+    plan = dict(**SMALL, target_agatston=60.0)
+    patient = _make_patient(seed, PhantomSettings(**plan, speck_lesions=True))
+    planned = _make_patient(seed, PhantomSettings(**plan)).calcium
+    specks = patient.calcium[len(planned):]
+    assert [c.kind for c in patient.calcium[:len(planned)]] == [c.kind for c in planned]
+    assert 1 <= len(specks) <= 3 and all(c.kind == "coronary" for c in specks)
+    for speck in specks:
+        assert SPECK_SEMI_AXIS_MM[0] <= speck.semi[0] <= SPECK_SEMI_AXIS_MM[1]
+        assert speck.semi[1] <= speck.semi[0] and speck.semi[2] <= speck.semi[1]
+        assert SPECK_PEAK_HU[0] <= speck.peak_hu <= SPECK_PEAK_HU[1]
+        vessel = patient.vessels[speck.vessel]
+        assert np.min(np.linalg.norm(vessel["points"] - speck.centre, axis=1)) <= max(vessel["radii"]) + 1e-6
+
+    plain = generate_phantom(seed, PhantomSettings(**plan))
+    extra = generate_phantom(seed, PhantomSettings(**plan, speck_lesions=True))
+    assert extra.lesions[:len(plain.lesions)] == plain.lesions and len(extra.lesions) == len(plain.lesions) + len(specks)
+    assert extra.distractors == plain.distractors
+    assert (extra.coronary_labels[plain.coronary_labels > 0] == plain.coronary_labels[plain.coronary_labels > 0]).all()
+
+
 def test_called_coronary_takes_the_nearest_of_two_objects_in_reach():
     """A labelled component between a small node right on it and a larger plaque whose
     reach also covers it goes to the node, whichever the distractor list names first."""

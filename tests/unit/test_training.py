@@ -215,6 +215,18 @@ def test_cli_batch_size_is_the_number_of_crops_each_step_trains_on(tmp_path, two
     assert "int8" not in info and not (tmp_path / "model" / "calciumnet.int8.onnx").exists()
 
 
+def test_training_refuses_to_start_a_dataset_the_disk_cannot_hold(tmp_path, monkeypatch, capsys):
+    """Checked against the real free space of tmp_path's disk, with phantoms made
+    too large for any disk: refused before the first phantom is written, with what
+    it needs and what is free."""
+    monkeypatch.setattr(training, "BYTES_PER_TRAINING_VOLUME", 2**60)
+    assert cli.main(["train", "--work-dir", str(tmp_path / "work"), "--model-dir", str(tmp_path / "model"),
+                     "--members", "2:2", "--negatives-tune", "none", "--device", "cpu"]) == 1
+    error = capsys.readouterr().err
+    assert "2 training phantoms need about" in error and "GiB are free there" in error
+    assert not list((tmp_path / "work" / "dataset").glob("*.npy")) and not (tmp_path / "model").exists()
+
+
 @pytest.mark.parametrize("count", ["-1", "some"])
 def test_cli_refuses_a_negative_int8_calibration(tmp_path, capsys, count):
     with pytest.raises(SystemExit):
@@ -310,6 +322,23 @@ def test_perivascular_calcium_is_part_of_the_recipe_and_reaches_the_phantoms(tmp
     assert training._checkpoint_recipe(config) != training._checkpoint_recipe(replace(config, perivascular_calcium=False))
     assert training._last_stage_stream(asdict(config), None) == stream
     assert "perivascular_calcium" not in training._dataset_recipe(replace(config, perivascular_calcium=False))
+
+
+def test_speck_lesions_are_part_of_the_recipe_and_reach_the_phantoms(tmp_path):
+    """``cacflow train --speck-lesions``: the phantoms are those without it plus the
+    specks (more coronary lesions, the same distractors); the dataset, checkpoint and
+    int8 calibration records name them, and only when asked for."""
+    plain = training.training_phantom(20261126, 2, scattered_calcium=True)
+    specks = training.training_phantom(20261126, 2, scattered_calcium=True, speck_lesions=True)
+    assert specks.lesions[:len(plain.lesions)] == plain.lesions and len(specks.lesions) > len(plain.lesions)
+    assert specks.distractors == plain.distractors
+    config = TrainingConfig(work_dir=str(tmp_path), model_dir=str(tmp_path / "model"), scattered_calcium=True,
+                            speck_lesions=True)
+    stream = {"seed": config.seed, "acquisition": "standard", "scattered_calcium": True, "speck_lesions": True}
+    assert training._dataset_recipe(config) == stream
+    assert training._checkpoint_recipe(config) != training._checkpoint_recipe(replace(config, speck_lesions=False))
+    assert training._last_stage_stream(asdict(config), None) == stream
+    assert "speck_lesions" not in training._dataset_recipe(replace(config, speck_lesions=False))
 
 
 @pytest.mark.parametrize("kind, index", [("scattered", 3), ("perivascular", 1)])
@@ -452,9 +481,12 @@ def test_cli_trains_the_shipped_recipe_unless_told_otherwise(tmp_path, monkeypat
     assert recipes[-1].negatives_tune == training.NegativesTune(3, 4, 0.001)
     assert cli.main(base + ["--negatives-tune", "3:4", "--negatives-tune-perivascular"]) == 0
     assert recipes[-1].negatives_tune == training.NegativesTune(3, 4, 5e-4, perivascular_calcium=True)
+    assert cli.main(base + ["--negatives-tune", "3:4", "--negatives-tune-specks"]) == 0
+    assert recipes[-1].negatives_tune == training.NegativesTune(3, 4, 5e-4, speck_lesions=True)
     # The two modifiers change a VOLUMES:STEPS tune only: with none or the shipped one they are refused.
     for tune, modifier in (("none", ["--negatives-tune-perivascular"]), ("shipped", ["--negatives-tune-perivascular"]),
-                           ("shipped", ["--negatives-tune-learning-rate", "0.001"])):
+                           ("shipped", ["--negatives-tune-learning-rate", "0.001"]),
+                           ("none", ["--negatives-tune-specks"])):
         assert cli.main(base + ["--negatives-tune", tune, *modifier]) == 2
         assert "need --negatives-tune VOLUMES:STEPS" in capsys.readouterr().err
     assert cli.main(base + ["--negatives-tune", "none"]) == 0 and recipes[-1].negatives_tune is None
@@ -483,3 +515,5 @@ def test_cli_blob_flags_reach_the_training_recipe(tmp_path, monkeypatch):
     assert (recipes[-1].scattered_calcium, recipes[-1].perivascular_calcium) == (False, True)
     assert cli.main(base + ["--scattered-calcium", "--perivascular-calcium"]) == 0
     assert (recipes[-1].scattered_calcium, recipes[-1].perivascular_calcium) == (True, True)
+    assert not recipes[-1].speck_lesions
+    assert cli.main(base + ["--speck-lesions"]) == 0 and recipes[-1].speck_lesions

@@ -122,7 +122,7 @@ def _negatives_tune(text: str) -> NegativesTune | str:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from cacflow.model.engines import ModelFiles
-    from cacflow.training import SHIPPED_MEMBERS, TrainingConfig, train
+    from cacflow.training import SHIPPED_MEMBERS, NotEnoughDiskSpace, TrainingConfig, train
 
     init_weights = args.init_weights
     if init_weights == "packaged":
@@ -159,6 +159,10 @@ def run(args: argparse.Namespace) -> int:
         config.learning_rate = args.learning_rate
     if args.batch_size:
         config.batch_size = args.batch_size
-    info = train(config)
+    try:
+        info = train(config)
+    except NotEnoughDiskSpace as error:
+        print(f"cacflow train: {error}", file=sys.stderr)
+        return 1
     logging.getLogger("cacflow.train").info("model %s written to %s", info["model_version"], args.model_dir)
     return 0
