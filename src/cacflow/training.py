@@ -262,8 +262,9 @@ def _build_one(args) -> dict:
     return {"index": index, "slices": slices, "coronary_pixels": int((targets > 0).sum())}
 
 
-# What one training phantom takes on disk: 20-30 MB measured (its float16 inputs,
-# 6 channels of the slices that hold calcium), so 400 phantoms take about 10 GB.
+# What one training volume (phantom or COCA scan) takes on disk: 20-30 MB measured for
+# phantoms (float16 inputs, 6 channels, of the slices that hold calcium), so 400
+# phantoms take about 10 GB.
 BYTES_PER_TRAINING_VOLUME = 30 * 2**20
 
 
@@ -277,7 +278,7 @@ def _check_disk_space(data_dir: Path, n_volumes: int) -> None:
     free = shutil.disk_usage(data_dir).free
     if need > free:
         raise NotEnoughDiskSpace(
-            f"{n_volumes} training phantoms need about {need / 2**30:.1f} GiB in {data_dir}, but only "
+            f"{n_volumes} training volumes need about {need / 2**30:.1f} GiB in {data_dir}, but only "
             f"{free / 2**30:.1f} GiB are free there: free some space, or give cacflow train a --work-dir "
             f"on a larger disk (snakemake train works in results/training)")
 
@@ -359,9 +360,9 @@ def build_coca_dataset(coca_root: str | Path, data_dir: Path) -> int:
     index_path = data_dir / "coca_index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {"used": [], "skipped": {}}
     reach = int(round(10.0 / TARGET_SPACING_MM))
-    for coca_id in patient_ids(root):
-        if coca_id in index["used"] or coca_id in index["skipped"]:
-            continue
+    todo = [coca_id for coca_id in patient_ids(root) if coca_id not in index["used"] and coca_id not in index["skipped"]]
+    _check_disk_space(data_dir, len(todo))  # a full disk would otherwise skip every patient after it
+    for coca_id in todo:
         try:
             series_dirs = sorted(p for p in (root / "patient" / coca_id).iterdir() if p.is_dir())
             if len(series_dirs) != 1:

@@ -223,7 +223,7 @@ def test_training_refuses_to_start_a_dataset_the_disk_cannot_hold(tmp_path, monk
     assert cli.main(["train", "--work-dir", str(tmp_path / "work"), "--model-dir", str(tmp_path / "model"),
                      "--members", "2:2", "--negatives-tune", "none", "--device", "cpu"]) == 1
     error = capsys.readouterr().err
-    assert "2 training phantoms need about" in error and "GiB are free there" in error
+    assert "2 training volumes need about" in error and "GiB are free there" in error
     assert not list((tmp_path / "work" / "dataset").glob("*.npy")) and not (tmp_path / "model").exists()
 
 
