@@ -19,14 +19,16 @@ REPO = Path(__file__).resolve().parents[2]
 def test_model_checks_script_on_one_scan_each():
     completed = subprocess.run(
         [sys.executable, str(REPO / "tests" / "benchmarks" / "model_checks.py"), str(REPO / "src" / "cacflow" / "model" / "weights"),
-         "--validation", "0", "--holdout", "1", "--noncoronary", "2", "--unfamiliar", "1", "--thin", "1", "--outside", "1", "--workers", "1", "--scans"],
+         "--validation", "0", "--holdout", "1", "--noncoronary", "2", "--unfamiliar", "1", "--specks", "1", "--thin", "1", "--outside", "1", "--workers", "1", "--scans"],
         capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     results = {r["check"]: r for r in map(json.loads, completed.stdout.splitlines())}
     outside = ("outside_wide_fov", "control_nongated", "outside_kvp_80", "outside_kvp_140", "control_kvp",
                "gap_gated_0.5_0.6", "control_gated")
-    assert set(results) == {"holdout", "noncoronary", "unfamiliar", "thin", *outside}  # --validation 0 skips it
+    assert set(results) == {"holdout", "noncoronary", "unfamiliar", "specks", "thin", *outside}  # --validation 0 skips it
+    specks = results["specks"]
+    assert specks["seed"] == 23_000_001 and len(specks["scans"]) == 1
     holdout = results["holdout"]
     assert holdout["seed"] == 99_000_001 and len(holdout["scans"]) == 1
     scan = holdout["scans"][0]
