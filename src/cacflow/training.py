@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -43,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from cacflow.atomic import atomic_write_text
+from cacflow.disk import require_free_space
 from cacflow.model.engines import file_sha256
 from cacflow.model.quantization import CALIBRATION_PHANTOMS
 from cacflow.model.preprocessing import (
@@ -268,19 +268,10 @@ def _build_one(args) -> dict:
 BYTES_PER_TRAINING_VOLUME = 30 * 2**20
 
 
-class NotEnoughDiskSpace(RuntimeError):
-    """The dataset would not fit where it is to be written."""
-
-
 def _check_disk_space(data_dir: Path, n_volumes: int) -> None:
-    """Refuse before generating rather than fill the disk hours into a run."""
-    need = n_volumes * BYTES_PER_TRAINING_VOLUME
-    free = shutil.disk_usage(data_dir).free
-    if need > free:
-        raise NotEnoughDiskSpace(
-            f"{n_volumes} training volumes need about {need / 2**30:.1f} GiB in {data_dir}, but only "
-            f"{free / 2**30:.1f} GiB are free there: free some space, or give cacflow train a --work-dir "
-            f"on a larger disk (snakemake train works in results/training)")
+    require_free_space(data_dir, n_volumes * BYTES_PER_TRAINING_VOLUME, f"{n_volumes} training volumes",
+                       "free some space, or give cacflow train a --work-dir on a larger disk "
+                       "(snakemake train works in results/training)")
 
 
 def build_dataset(config: TrainingConfig) -> Path:

@@ -559,3 +559,34 @@ def test_the_cohort_record_holds_no_planted_identifier(tiny_cohort):
     record = (tiny_cohort.parent / "cohort.json").read_text()
     assert json.loads(record)["seed"] == 1
     assert not [value for value in PLANTED.values() if value.split("{")[0] in record]
+
+
+def test_cacflow_synth_refuses_a_cohort_the_disk_cannot_hold(tmp_path, monkeypatch):
+    """Against the real free space of tmp_path's disk, with participants made too large
+    for any disk: refused before any series is written, with what it needs."""
+    from cacflow import cli
+
+    monkeypatch.setattr(cohort_module, "BYTES_PER_DEMO_PARTICIPANT", 2**60)
+    with pytest.raises(SystemExit, match=r"cacflow synth: 2 participants' DICOM series need about .* GiB are free"):
+        cli.main(["synth", str(tmp_path / "cohort"), "--participants", "2", "--workers", "1"])
+    assert not list((tmp_path / "cohort").rglob("*.dcm"))
+
+
+def test_series_already_in_a_cohort_folder_count_as_free_space(tmp_path, monkeypatch):
+    """Writing the same cohort again overwrites its series: a folder holding 1 GiB of
+    them needs 1 GiB less. Margins of 1 GiB either side of the real free space."""
+    import shutil
+
+    from cacflow.disk import NotEnoughDiskSpace
+
+    held = tmp_path / "dicom" / "P001" / "baseline" / "held.bin"
+    held.parent.mkdir(parents=True)
+    with held.open("wb") as out:
+        out.truncate(2**30)  # sparse: counted by its size, as the series it stands for
+    free = shutil.disk_usage(tmp_path).free
+    monkeypatch.setattr(cohort_module, "BYTES_PER_DEMO_PARTICIPANT", free + 2**30 - 2**29)
+    cohort_module._check_disk_space(tmp_path, 1, "demo")  # needs free - 0.5 GiB once the held GiB is counted
+    monkeypatch.setattr(cohort_module, "BYTES_PER_DEMO_PARTICIPANT", free + 2**30 + 2**30)
+    with pytest.raises(NotEnoughDiskSpace, match="1 participants' DICOM series need about"):
+        cohort_module._check_disk_space(tmp_path, 1, "demo")
+    cohort_module._check_disk_space(tmp_path, 10**9, "tiny")  # the tests' tiny cohorts are not checked

@@ -18,12 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cacflow.disk import NotEnoughDiskSpace
     from cacflow.synth.cohort import generate_cohort  # heavy imports only when the command runs
 
     start = time.perf_counter()
     try:
         manifest = generate_cohort(args.out_dir, args.participants, args.seed, size=args.size, workers=args.workers)
-    except ValueError as error:  # a folder holding another cohort: say so, no traceback
+    except (ValueError, NotEnoughDiskSpace) as error:  # another cohort's folder, a full disk: say so, no traceback
         raise SystemExit(f"cacflow synth: {error}") from None
     print(f"wrote {manifest} ({time.perf_counter() - start:.1f} s); ground truth in {manifest.parent / 'ground_truth'}")
     return 0

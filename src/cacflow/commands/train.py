@@ -122,7 +122,8 @@ def _negatives_tune(text: str) -> NegativesTune | str:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from cacflow.model.engines import ModelFiles
-    from cacflow.training import SHIPPED_MEMBERS, NotEnoughDiskSpace, TrainingConfig, train
+    from cacflow.disk import NotEnoughDiskSpace
+    from cacflow.training import SHIPPED_MEMBERS, TrainingConfig, train
 
     init_weights = args.init_weights
     if init_weights == "packaged":
