@@ -262,27 +262,29 @@ def _build_one(args) -> dict:
     return {"index": index, "slices": slices, "coronary_pixels": int((targets > 0).sum())}
 
 
-# What one training volume (phantom or COCA scan) takes on disk: 20-30 MB measured for
-# phantoms (float16 inputs, 6 channels, of the slices that hold calcium), so 400
-# phantoms take about 10 GB.
+# What one training volume takes on disk: 20-30 MB measured for phantoms (float16
+# inputs, 6 channels, of the slices that hold calcium), so 400 phantoms take about
+# 10 GB. Taken for COCA scans too (not measured: their slices are 512 x 512 as well).
 BYTES_PER_TRAINING_VOLUME = 30 * 2**20
 
 
-def _check_disk_space(data_dir: Path, n_volumes: int) -> None:
-    require_free_space(data_dir, n_volumes * BYTES_PER_TRAINING_VOLUME, f"{n_volumes} training volumes",
-                       "free some space, or give cacflow train a --work-dir on a larger disk "
-                       "(snakemake train works in results/training)")
+def _check_disk_space(folder: Path, n_volumes: int) -> None:
+    require_free_space(folder, n_volumes * BYTES_PER_TRAINING_VOLUME, f"{n_volumes} training volumes",
+                       "free some space, or train on a larger disk (cacflow train --work-dir; snakemake "
+                       "train works in results/training or results/training_coca, which can be a link "
+                       "to a folder on another disk)")
+
+
+def _missing_volumes(data_dir: Path, n_volumes: int) -> list[int]:
+    """Indices of the first ``n_volumes`` phantoms not yet generated in ``data_dir``."""
+    return [i for i in range(n_volumes) if not (data_dir / f"{i:05d}_targets.npy").exists()]
 
 
 def build_dataset(config: TrainingConfig) -> Path:
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     _claim_dataset(data_dir, _dataset_recipe(config))
-    todo = [
-        (i, _dataset_recipe(config), data_dir)
-        for i in range(config.n_volumes)
-        if not (data_dir / f"{i:05d}_targets.npy").exists()
-    ]
+    todo = [(i, _dataset_recipe(config), data_dir) for i in _missing_volumes(data_dir, config.n_volumes)]
     _check_disk_space(data_dir, len(todo))
     log.info("dataset: %d of %d volumes to generate", len(todo), config.n_volumes)
     started = time.perf_counter()
@@ -461,6 +463,12 @@ def _train_then_tune(config: TrainingConfig) -> dict:
     device, losses)."""
     tune = config.negatives_tune
     work_dir = Path(config.work_dir)
+    # Both stages' phantoms, checked before the first: the tune's would otherwise meet
+    # a full disk hours later.
+    work_dir.mkdir(parents=True, exist_ok=True)
+    first_stage_volumes = max((volumes for volumes, _ in config.members), default=config.n_volumes)
+    _check_disk_space(work_dir, len(_missing_volumes(config.data_dir, first_stage_volumes))
+                      + len(_missing_volumes(work_dir / "negatives_tune" / "dataset", tune.volumes)))
     base = replace(config, negatives_tune=None, model_dir=str(work_dir / "base_model"), notes={},
                    model_version=f"{config.model_version}-base", int8_calibration_phantoms=0)
     base_info = train(base)  # a base already trained is only exported again
@@ -833,11 +841,11 @@ def holdout_check(model_dir: str, n_scans: int = 40, seed: int = 99_000_001, wor
     ONNX model and compare with their reference scores: risk-category agreement,
     CAC > 0 detection, and the mean absolute Agatston error. ``change`` (a key of
     ``ACQUISITION_CHANGES``) changes every scan's acquisition, e.g. to one the training
-    set does not hold."""
+    set does not hold, or (``specks``) what its patients hold."""
     from cacflow.synth.phantom import generate_phantom
 
     if change is not None and change not in ACQUISITION_CHANGES:
-        raise ValueError(f"unknown acquisition change {change!r}; choose one of {', '.join(ACQUISITION_CHANGES)}")
+        raise ValueError(f"unknown change {change!r}; choose one of {', '.join(ACQUISITION_CHANGES)}")
     score = _phantom_scorer(model_dir, workers, engine)
     rng = np.random.default_rng(seed)
     change_rng = np.random.default_rng([seed, 1])

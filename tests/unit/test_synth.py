@@ -574,7 +574,8 @@ def test_cacflow_synth_refuses_a_cohort_the_disk_cannot_hold(tmp_path, monkeypat
 
 def test_series_already_in_a_cohort_folder_count_as_free_space(tmp_path, monkeypatch):
     """Writing the same cohort again overwrites its series: a folder holding 1 GiB of
-    them needs 1 GiB less. Margins of 1 GiB either side of the real free space."""
+    them needs 1 GiB less. Asked for 0.5 GiB less than the real free space, then 1 GiB
+    more, once the held GiB is counted."""
     import shutil
 
     from cacflow.disk import NotEnoughDiskSpace

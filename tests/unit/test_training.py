@@ -227,6 +227,18 @@ def test_training_refuses_to_start_a_dataset_the_disk_cannot_hold(tmp_path, monk
     assert not list((tmp_path / "work" / "dataset").glob("*.npy")) and not (tmp_path / "model").exists()
 
 
+def test_a_two_stage_training_checks_both_stages_phantoms_before_the_first(tmp_path, monkeypatch, capsys):
+    """With each phantom a quarter of the real free space, the first stage's 2 would fit
+    but with the tune's 3 they would not: refused before any phantom is written."""
+    import shutil
+
+    monkeypatch.setattr(training, "BYTES_PER_TRAINING_VOLUME", shutil.disk_usage(tmp_path).free // 4)
+    assert cli.main(["train", "--work-dir", str(tmp_path / "work"), "--model-dir", str(tmp_path / "model"),
+                     "--members", "2:2", "--negatives-tune", "3:4", "--device", "cpu"]) == 1
+    assert "5 training volumes need about" in capsys.readouterr().err
+    assert not list((tmp_path / "work").rglob("*.npy")) and not (tmp_path / "model").exists()
+
+
 @pytest.mark.parametrize("count", ["-1", "some"])
 def test_cli_refuses_a_negative_int8_calibration(tmp_path, capsys, count):
     with pytest.raises(SystemExit):
@@ -483,7 +495,7 @@ def test_cli_trains_the_shipped_recipe_unless_told_otherwise(tmp_path, monkeypat
     assert recipes[-1].negatives_tune == training.NegativesTune(3, 4, 5e-4, perivascular_calcium=True)
     assert cli.main(base + ["--negatives-tune", "3:4", "--negatives-tune-specks"]) == 0
     assert recipes[-1].negatives_tune == training.NegativesTune(3, 4, 5e-4, speck_lesions=True)
-    # The two modifiers change a VOLUMES:STEPS tune only: with none or the shipped one they are refused.
+    # The modifiers change a VOLUMES:STEPS tune only: with none or the shipped one they are refused.
     for tune, modifier in (("none", ["--negatives-tune-perivascular"]), ("shipped", ["--negatives-tune-perivascular"]),
                            ("shipped", ["--negatives-tune-learning-rate", "0.001"]),
                            ("none", ["--negatives-tune-specks"])):

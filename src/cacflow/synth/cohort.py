@@ -374,8 +374,8 @@ def _check_disk_space(out_dir: Path, n_participants: int, size: str) -> None:
     held = sum(f.stat().st_size for f in (out_dir / "dicom").rglob("*") if f.is_file())
     require_free_space(out_dir, max(0, n_participants * BYTES_PER_DEMO_PARTICIPANT - held),
                        f"{n_participants} participants' DICOM series",
-                       "free some space, or generate fewer participants (snakemake evaluate: "
-                       "evaluation: participants)")
+                       "free some space, or generate fewer participants (config: evaluation: participants "
+                       "for snakemake evaluate, demo: participants for the demo)")
 
 
 def _claim_cohort_folder(out_dir: Path, recipe: dict) -> None:
