@@ -480,7 +480,7 @@ def _train_then_tune(config: TrainingConfig) -> dict:
                     dataset_dir=None, notes={},
                     work_dir=str(work_dir / "negatives_tune"), init_weights=str(base_weights))
     network, history = _fit(tuned)
-    block = {**asdict(tune), "phantoms": _dataset_recipe(tuned),
+    block = {**negatives_tune_record(tune), "phantoms": _dataset_recipe(tuned),
              "base_weights_sha256": tuned.notes["initial_weights_sha256"],
              "trained_on": tuned.notes["trained_on"], "loss_history": history}
     # ``training`` is the first stage's recipe; its notes are in the member records.
@@ -633,13 +633,24 @@ def _fit(config: TrainingConfig):
     return network.to("cpu").eval(), history
 
 
+# Recipe options newer than the shipped model.json, recorded only when used: its bytes,
+# which the workflow hashes to decide whether to infer again, stay as they are.
+_RECORDED_WHEN_USED = ("speck_lesions",)
+
+
 def training_record(config: TrainingConfig, ensemble: bool) -> dict:
     """model.json's ``training`` block: the recipe, without paths, devices and what
     has a record of its own (an ensemble's ``n_volumes``/``steps`` are its members')."""
     return {k: v for k, v in asdict(config).items()
             if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device", "dataset_dir",
                          "int8_calibration_phantoms", "negatives_tune")
-            and not (ensemble and k in ("n_volumes", "steps"))}
+            and not (ensemble and k in ("n_volumes", "steps"))
+            and not (k in _RECORDED_WHEN_USED and not v)}
+
+
+def negatives_tune_record(tune: NegativesTune) -> dict:
+    """The recipe part of model.json's ``negatives_tune`` block."""
+    return {k: v for k, v in asdict(tune).items() if not (k in _RECORDED_WHEN_USED and not v)}
 
 
 def export(network, config: TrainingConfig, history: list, members: list | None = None,

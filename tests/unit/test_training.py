@@ -351,6 +351,10 @@ def test_speck_lesions_are_part_of_the_recipe_and_reach_the_phantoms(tmp_path):
     assert training._checkpoint_recipe(config) != training._checkpoint_recipe(replace(config, speck_lesions=False))
     assert training._last_stage_stream(asdict(config), None) == stream
     assert "speck_lesions" not in training._dataset_recipe(replace(config, speck_lesions=False))
+    assert training.training_record(config, ensemble=False)["speck_lesions"] is True
+    assert "speck_lesions" not in training.training_record(replace(config, speck_lesions=False), ensemble=False)
+    assert training.negatives_tune_record(training.NegativesTune(4, 5, speck_lesions=True))["speck_lesions"] is True
+    assert "speck_lesions" not in training.negatives_tune_record(training.NegativesTune(4, 5))
 
 
 @pytest.mark.parametrize("kind, index", [("scattered", 3), ("perivascular", 1)])
@@ -470,7 +474,9 @@ def test_the_shipped_model_json_records_the_recipe_snakemake_train_runs():
     assert info["training"]["members"] == [list(m) for m in training.SHIPPED_MEMBERS]
     assert [(m["n_volumes"], m["steps"]) for m in info["members"]] == list(training.SHIPPED_MEMBERS)
     tune = info["negatives_tune"]
-    assert {k: tune[k] for k in asdict(training.SHIPPED_NEGATIVES_TUNE)} == asdict(training.SHIPPED_NEGATIVES_TUNE)
+    shipped_tune = training.negatives_tune_record(training.SHIPPED_NEGATIVES_TUNE)
+    assert {k: tune[k] for k in shipped_tune} == shipped_tune
+    assert "speck_lesions" not in tune and "speck_lesions" not in info["training"]  # recorded only when used
     assert tune["phantoms"] == training.training_stream(20261126, "standard", True, True)
     assert len(tune["loss_history"]) == tune["steps"] // 100 and info["ensemble_size"] == 2
 
