@@ -296,20 +296,25 @@ def build_dataset(config: TrainingConfig) -> Path:
     return data_dir
 
 
+# What a training stream can add to its phantoms: fields of TrainingConfig and of
+# PhantomSettings, and arguments of training_phantom / training_stream, all so named.
+STREAM_OPTIONS = ("scattered_calcium", "perivascular_calcium", "speck_lesions")
+
+
 def training_stream(seed: int, acquisition: str = "standard", scattered_calcium: bool = False,
                     perivascular_calcium: bool = False, speck_lesions: bool = False) -> dict:
     """What the phantoms of a training stream depend on, as dataset.json and the int8
     copy's calibration record it (keys named as ``training_phantom``'s arguments). The
-    scattered and perivascular calcium and the specks are named only when asked for,
-    so records written before they existed keep their form."""
-    return {"seed": seed, "acquisition": acquisition, **({"scattered_calcium": True} if scattered_calcium else {}),
-            **({"perivascular_calcium": True} if perivascular_calcium else {}),
-            **({"speck_lesions": True} if speck_lesions else {})}
+    ``STREAM_OPTIONS`` are named only when asked for, so records written before they
+    existed keep their form."""
+    asked = (scattered_calcium, perivascular_calcium, speck_lesions)
+    return {"seed": seed, "acquisition": acquisition,
+            **{option: True for option, on in zip(STREAM_OPTIONS, asked) if on}}
 
 
 def _dataset_recipe(config: TrainingConfig) -> dict:
-    return training_stream(config.seed, config.acquisition, config.scattered_calcium, config.perivascular_calcium,
-                           config.speck_lesions)
+    return training_stream(config.seed, config.acquisition, **{option: getattr(config, option)
+                                                               for option in STREAM_OPTIONS})
 
 
 def _claim_dataset(data_dir: Path, recipe: dict) -> None:
@@ -759,8 +764,7 @@ def _last_stage_stream(training: dict, negatives_tune: dict | None) -> dict:
     if negatives_tune:
         return negatives_tune["phantoms"]
     return training_stream(int(training.get("seed", TrainingConfig.seed)), training.get("acquisition", "standard"),
-                           bool(training.get("scattered_calcium")), bool(training.get("perivascular_calcium")),
-                           bool(training.get("speck_lesions")))
+                           **{option: bool(training.get(option)) for option in STREAM_OPTIONS})
 
 
 def _export_int8(model_dir: Path, n_calibration: int, stream: dict) -> dict:

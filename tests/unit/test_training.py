@@ -304,6 +304,21 @@ def test_model_json_records_the_pixel_spacing_its_recipe_trained_on(tmp_path, ac
     assert model.within_training_range((3.0, 0.9, 0.9)) is (acquisition == "wide")
 
 
+def _assert_the_recipe_names(tmp_path, option: str, alongside: tuple[str, ...] = ()) -> TrainingConfig:
+    """A training phantom option (one of ``training.STREAM_OPTIONS``), on with those
+    ``alongside``: the dataset record, the checkpoint recipe and the int8 copy's
+    calibration stream (read back from model.json's record) name it, and the dataset
+    record only when it is on. Returns the config."""
+    switched_on = {name: True for name in (*alongside, option)}
+    config = TrainingConfig(work_dir=str(tmp_path), model_dir=str(tmp_path / "model"), **switched_on)
+    stream = {"seed": config.seed, "acquisition": "standard", **switched_on}
+    assert training._dataset_recipe(config) == stream
+    assert training._checkpoint_recipe(config) != training._checkpoint_recipe(replace(config, **{option: False}))
+    assert training._last_stage_stream(asdict(config), None) == stream
+    assert option not in training._dataset_recipe(replace(config, **{option: False}))
+    return config
+
+
 def test_scattered_calcium_is_part_of_the_recipe_and_reaches_the_phantoms(tmp_path):
     """``cacflow train --scattered-calcium``: the training phantoms are the standard ones
     plus the blobs, and the dataset records it (so it is never mixed with a plain one)."""
@@ -312,10 +327,7 @@ def test_scattered_calcium_is_part_of_the_recipe_and_reaches_the_phantoms(tmp_pa
     blobs = [d for d in scattered.distractors if d["kind"] == "scattered"]
     assert blobs and [d for d in scattered.distractors if d["kind"] != "scattered"] == plain.distractors
     assert (scattered.coronary_labels == plain.coronary_labels).all() and scattered.lesions == plain.lesions
-    config = TrainingConfig(work_dir=str(tmp_path), model_dir=str(tmp_path / "model"), scattered_calcium=True)
-    assert training._dataset_recipe(config) == {"seed": config.seed, "acquisition": "standard",
-                                                "scattered_calcium": True}
-    assert "scattered_calcium" not in training._dataset_recipe(replace(config, scattered_calcium=False))
+    _assert_the_recipe_names(tmp_path, "scattered_calcium")
 
 
 def test_perivascular_calcium_is_part_of_the_recipe_and_reaches_the_phantoms(tmp_path):
@@ -327,13 +339,7 @@ def test_perivascular_calcium_is_part_of_the_recipe_and_reaches_the_phantoms(tmp
     assert any(d["kind"] == "perivascular" for d in both.distractors)
     assert [d for d in both.distractors if d["kind"] != "perivascular"] == scattered.distractors
     assert (both.coronary_labels == scattered.coronary_labels).all() and both.lesions == scattered.lesions
-    config = TrainingConfig(work_dir=str(tmp_path), model_dir=str(tmp_path / "model"), scattered_calcium=True,
-                            perivascular_calcium=True)
-    stream = {"seed": config.seed, "acquisition": "standard", "scattered_calcium": True, "perivascular_calcium": True}
-    assert training._dataset_recipe(config) == stream
-    assert training._checkpoint_recipe(config) != training._checkpoint_recipe(replace(config, perivascular_calcium=False))
-    assert training._last_stage_stream(asdict(config), None) == stream
-    assert "perivascular_calcium" not in training._dataset_recipe(replace(config, perivascular_calcium=False))
+    _assert_the_recipe_names(tmp_path, "perivascular_calcium", alongside=("scattered_calcium",))
 
 
 def test_speck_lesions_are_part_of_the_recipe_and_reach_the_phantoms(tmp_path):
@@ -344,13 +350,7 @@ def test_speck_lesions_are_part_of_the_recipe_and_reach_the_phantoms(tmp_path):
     specks = training.training_phantom(20261126, 2, scattered_calcium=True, speck_lesions=True)
     assert specks.lesions[:len(plain.lesions)] == plain.lesions and len(specks.lesions) > len(plain.lesions)
     assert specks.distractors == plain.distractors
-    config = TrainingConfig(work_dir=str(tmp_path), model_dir=str(tmp_path / "model"), scattered_calcium=True,
-                            speck_lesions=True)
-    stream = {"seed": config.seed, "acquisition": "standard", "scattered_calcium": True, "speck_lesions": True}
-    assert training._dataset_recipe(config) == stream
-    assert training._checkpoint_recipe(config) != training._checkpoint_recipe(replace(config, speck_lesions=False))
-    assert training._last_stage_stream(asdict(config), None) == stream
-    assert "speck_lesions" not in training._dataset_recipe(replace(config, speck_lesions=False))
+    config = _assert_the_recipe_names(tmp_path, "speck_lesions", alongside=("scattered_calcium",))
     assert training.training_record(config, ensemble=False)["speck_lesions"] is True
     assert "speck_lesions" not in training.training_record(replace(config, speck_lesions=False), ensemble=False)
     assert training.negatives_tune_record(training.NegativesTune(4, 5, speck_lesions=True))["speck_lesions"] is True
