@@ -520,6 +520,38 @@ def test_cli_evaluate_with_coca_reference_parquet(tmp_path, capsys):
     assert "compared 3 scan(s)" in capsys.readouterr().out
 
 
+def test_cli_evaluate_against_the_image_based_reference(tmp_path, capsys):
+    """--image-reference compares with the image_agatston_* columns: here the one miss
+    against the noise-free scores (a 1.8 speck scored 0) is a speck the image does not
+    show (image-based 0), so sensitivity goes from 2 of 3 to 2 of 2."""
+    predicted = pd.DataFrame({"participant_id": ["1", "2", "3", "4"], "visit": "baseline", "status": "scored",
+                              "agatston_total": [0.0, 0.0, 12.0, 450.0], "agatston_lad": [0.0, 0.0, 12.0, 450.0]})
+    predicted.to_csv(tmp_path / "predicted.csv", index=False)
+    reference = pd.DataFrame({"participant_id": ["1", "2", "3", "4"], "visit": "baseline",
+                              "agatston_total": [0.0, 1.8, 11.0, 430.0], "agatston_lad": [0.0, 1.8, 11.0, 430.0],
+                              "image_agatston_total": [0.0, 0.0, 12.5, 445.0],
+                              "image_agatston_lad": [0.0, 0.0, 12.5, 445.0],
+                              "image_risk_category": ["0", "0", "11-100", ">400"]})
+    reference.to_csv(tmp_path / "reference.tsv", sep="\t", index=False)
+    for flag, out, sensitivity in (([], "primary", 2 / 3), (["--image-reference"], "image", 1.0)):
+        assert cli.main(["evaluate", "--predicted", str(tmp_path / "predicted.csv"), "--reference",
+                         str(tmp_path / "reference.tsv"), "--out-dir", str(tmp_path / out), "--bootstrap", "0",
+                         *flag]) == 0
+        metrics = pd.read_csv(tmp_path / out / "metrics.csv")
+        row = metrics[(metrics["metric"] == "cac_ge_1.sensitivity") & (metrics["stratum"] == "all")]
+        assert row["estimate"].item() == pytest.approx(sensitivity)
+    pairs = pd.read_csv(tmp_path / "image" / "pairs.csv")
+    assert pairs["reference_agatston_total"].tolist() == [0.0, 0.0, 12.5, 445.0]
+    assert pairs["reference_agatston_lad"].tolist() == [0.0, 0.0, 12.5, 445.0]
+    assert "image-based" in (tmp_path / "image" / "report.html").read_text()
+    capsys.readouterr()
+    # a reference without image-based scores (COCA, an older cohort) is refused, saying why
+    reference.drop(columns=["image_agatston_total"]).to_csv(tmp_path / "old.tsv", sep="\t", index=False)
+    assert cli.main(["evaluate", "--predicted", str(tmp_path / "predicted.csv"), "--reference",
+                     str(tmp_path / "old.tsv"), "--out-dir", str(tmp_path / "old"), "--image-reference"]) == 2
+    assert "image_agatston_total" in capsys.readouterr().err
+
+
 def test_cli_evaluate_reports_bad_input(tmp_path, capsys):
     pd.DataFrame({"participant_id": ["1"], "visit": ["a"]}).to_csv(tmp_path / "p.csv", index=False)
     pd.DataFrame({"participant_id": ["1"], "agatston_total": [1.0]}).to_csv(tmp_path / "r.csv", index=False)

@@ -33,6 +33,10 @@ def test_model_checks_script_on_one_scan_each():
     assert holdout["seed"] == 99_000_001 and len(holdout["scans"]) == 1
     scan = holdout["scans"][0]
     assert holdout["mean_abs_agatston_error"] == abs(scan["predicted"] - scan["reference"])
+    # the same figures against what the image shows (phantom.image_reference)
+    assert holdout["mean_abs_agatston_error_image_reference"] == abs(scan["predicted"] - scan["image_reference"])
+    assert holdout["sensitivity_cac_gt_0_image_reference"] == (
+        (scan["predicted"] > 0) if scan["image_reference"] > 0 else None)
     assert scan["slice_thickness_mm"] in (2.5, 3.0, 5.0)  # the training distribution's
     thin = results["thin"]
     assert thin["seed"] == 12_500_001 and [row["slice_thickness_mm"] for row in thin["scans"]] == [1.25]

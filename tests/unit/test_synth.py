@@ -57,6 +57,57 @@ def test_reference_matches_hand_recomputation(single_lesion):
     assert p.reference["risk_category"] == ph.risk_category(by_hand)
 
 
+def test_image_reference_by_hand():
+    """The image-based reference on a 2-slice image whose score is counted by hand:
+    0.5 mm pixels (0.25 mm^2), 3 mm increment (factor 1)."""
+    hu = np.zeros((2, 12, 12), dtype=np.float32)
+    footprint = np.zeros(hu.shape, dtype=bool)
+    # slice 0: a 2 x 3 group (1.5 mm^2) peaking at 250 HU inside an LAD footprint -> 1.5 x 2
+    hu[0, 1:3, 1:4] = 140.0
+    hu[0, 2, 2] = 250.0
+    footprint[0, 1, 1] = True  # touching the footprint at one pixel is enough
+    # slice 0: 3 pixels (0.75 mm^2) at 500 HU in the footprint: under 1 mm^2, not scored
+    hu[0, 8, 8:11] = 500.0
+    footprint[0, 8, 8:11] = True
+    # slice 0: 10 pixels at 600 HU outside every footprint (bone, say): not coronary
+    hu[0, 5, 0:10] = 600.0
+    # slice 1: 4 pixels, two at 129.6 HU, which the DICOM stores as 130, and a
+    # 399.6 HU peak stored as 400 (weight 4): 1.0 mm^2 x 4
+    hu[1, 4, 4:6] = 129.6
+    hu[1, 5, 4:6] = [200.0, 399.6]
+    footprint[1, 4:6, 4:6] = True
+    # slice 1: a 129.4 HU pixel (stored 129) splits what would be one group; its
+    # 3-pixel half in the footprint is too small (0.75 mm^2)
+    hu[1, 9, 0:3] = 300.0
+    hu[1, 9, 3] = 129.4
+    hu[1, 9, 4:7] = 300.0
+    footprint[1, 9, 0] = True
+    boxes = (slice(0, 2), slice(0, 12), slice(0, 12))
+    lad, rca = ph.VESSEL_IDS["lad"], ph.VESSEL_IDS["rca"]
+    slice0_only, slice1_only = footprint.copy(), footprint.copy()
+    slice0_only[1], slice1_only[0] = False, False
+    reference = ph.image_reference(hu, [(boxes, slice0_only, lad), (boxes, slice1_only, rca)], 0.5, 3.0)
+    assert reference["image_agatston_lad"] == pytest.approx(1.5 * 2)
+    assert reference["image_agatston_rca"] == pytest.approx(1.0 * 4)
+    assert reference["image_agatston_lm"] == reference["image_agatston_lcx"] == 0
+    assert reference["image_agatston_total"] == pytest.approx(7.0)
+    assert reference["image_risk_category"] == "1-10"
+    assert set(reference) == set(ph.IMAGE_REFERENCE_KEYS)
+    # a 1.5 mm increment halves it, as in the noise-free reference
+    assert ph.image_reference(hu, [(boxes, footprint, lad)], 0.5, 1.5)["image_agatston_total"] == pytest.approx(3.5)
+
+
+def test_image_reference_is_the_noise_free_one_when_there_is_no_noise(single_lesion):
+    """Without noise the image shows exactly the rendering the noise-free reference
+    scores; only the DICOM's rounding of HU to integers may move a peak's weight, so
+    the two agree to within that."""
+    p = single_lesion
+    assert p.reference["image_agatston_total"] > 0
+    assert p.reference["image_agatston_total"] == pytest.approx(p.reference["agatston_total"], rel=0.02)
+    assert p.reference["image_agatston_lad"] == p.reference["image_agatston_total"]
+    assert p.reference["image_risk_category"] == p.reference["risk_category"]
+
+
 def test_labels_only_on_lesion_voxels(single_lesion):
     p = single_lesion
     labelled = p.coronary_labels > 0
@@ -442,6 +493,10 @@ def test_cohort_manifest_and_reference(tiny_cohort):
     for plan in cohort_module._TINY_PLANS:
         if "calcium_score" in plan.kinds:
             assert references[plan.participant]["risk_category"] == ph.risk_category(plan.target)
+            image_total = float(references[plan.participant]["image_agatston_total"])
+            assert references[plan.participant]["image_risk_category"] == ph.risk_category(image_total)
+            # what the noisy series shows of the same plaques: close to, not equal to, the noise-free score
+            assert image_total == pytest.approx(float(references[plan.participant]["agatston_total"]), rel=0.3)
     assert not any((manifest.parent / "dicom").rglob("*.nii.gz"))  # ground truth never inside the DICOM tree
 
 

@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", type=Path, default=None,
                         help="reference table (.tsv/.csv/.parquet): participant_id (or coca_id), visit (optional), "
                              "agatston_total, agatston_lm/lad/lcx/rca")
+    parser.add_argument("--image-reference", action="store_true",
+                        help="compare with the reference's image-based scores (image_agatston_*, which cohorts from "
+                             "cacflow synth hold: what the scored series shows of the coronary plaques, noise "
+                             "included) instead of its primary, noise-free ones")
     parser.add_argument("--out-dir", type=Path, default=None, help="folder for report.html and metrics.csv/.parquet")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP,
                         help=f"bootstrap resamples for kappa/F1 CIs (default {DEFAULT_BOOTSTRAP}; 0: none)")
@@ -81,12 +85,16 @@ def run(args: argparse.Namespace) -> int:
         print("cacflow evaluate: --bootstrap must be >= 0", file=sys.stderr)
         return 2
     run_info = {"predicted": str(args.predicted), "reference": str(args.reference)}
+    if args.image_reference:
+        run_info["reference scores"] = "image-based (image_agatston_*: what the scan shows of the coronary plaques)"
     for item in args.run_info:
         key, _, value = item.partition("=")
         run_info[key.strip()] = value.strip()
     try:
         predicted = evaluation.read_table(args.predicted)
         reference = evaluation.read_table(args.reference)
+        if args.image_reference:
+            reference = evaluation.image_based_reference(reference)
         results = evaluation.evaluate(predicted, reference, n_bootstrap=args.bootstrap, seed=args.seed,
                                       run_info=run_info)
     except evaluation.EvaluationInputError as error:

@@ -35,7 +35,14 @@ import numpy as np
 from cacflow.atomic import atomic_write_text
 from cacflow.disk import require_free_space
 from cacflow.synth.dicom_writer import localizer_from_phantom, uid, write_series
-from cacflow.synth.phantom import RISK_CATEGORIES, Phantom, PhantomSettings, generate_phantom, risk_category
+from cacflow.synth.phantom import (
+    IMAGE_REFERENCE_KEYS,
+    RISK_CATEGORIES,
+    Phantom,
+    PhantomSettings,
+    generate_phantom,
+    risk_category,
+)
 
 MANIFEST_COLUMNS = ("participant_id", "visit", "dicom_dir")
 SCORE_COLUMNS = (
@@ -45,6 +52,7 @@ SCORE_COLUMNS = (
 REFERENCE_COLUMNS = (
     "participant_id", "visit", "expected_status", "series_instance_uid", "series_kind", "gated", "ecg_tags_blank",
     "kvp", "slice_thickness_mm", "slice_increment_mm", "pixel_spacing_mm", *SCORE_COLUMNS, "noncoronary_calcium",
+    *IMAGE_REFERENCE_KEYS,  # what the scored series shows (phantom.image_reference): a secondary reference
 )
 # Calcified structures outside the coronary arteries that the generator may add (bone is
 # in every scan): a scan holding some but no coronary calcium must score 0.
@@ -250,6 +258,7 @@ def _write_truth(out_dir: Path, plan: _Visit, scored, scored_kind, series_rows) 
             slice_thickness_mm=meta["slice_thickness_mm"], slice_increment_mm=meta["slice_increment_mm"],
             pixel_spacing_mm=meta["pixel_spacing_mm"], **{c: phantom.reference[c] for c in SCORE_COLUMNS},
             noncoronary_calcium=noncoronary_calcium(phantom),
+            **{c: phantom.reference[c] for c in IMAGE_REFERENCE_KEYS},
         )
         for lesion in phantom.lesions:
             z, y, x = lesion["centre_zyx_mm"]
