@@ -531,6 +531,7 @@ def test_cli_evaluate_against_the_image_based_reference(tmp_path, capsys):
                               "agatston_total": [0.0, 1.8, 11.0, 430.0], "agatston_lad": [0.0, 1.8, 11.0, 430.0],
                               "image_agatston_total": [0.0, 0.0, 12.5, 445.0],
                               "image_agatston_lad": [0.0, 0.0, 12.5, 445.0],
+                              "risk_category": ["0", "1-10", "11-100", ">400"], "volume_mm3": [0.0, 1.0, 9.0, 300.0],
                               "image_risk_category": ["0", "0", "11-100", ">400"]})
     reference.to_csv(tmp_path / "reference.tsv", sep="\t", index=False)
     for flag, out, sensitivity in (([], "primary", 2 / 3), (["--image-reference"], "image", 1.0)):
@@ -544,6 +545,9 @@ def test_cli_evaluate_against_the_image_based_reference(tmp_path, capsys):
     assert pairs["reference_agatston_total"].tolist() == [0.0, 0.0, 12.5, 445.0]
     assert pairs["reference_agatston_lad"].tolist() == [0.0, 0.0, 12.5, 445.0]
     assert "image-based" in (tmp_path / "image" / "report.html").read_text()
+    swapped = evaluation.image_based_reference(reference)
+    assert swapped["risk_category"].tolist() == ["0", "0", "11-100", ">400"]  # the image's, not the primary's
+    assert "volume_mm3" not in swapped and not any(c.startswith("image_") for c in swapped)
     capsys.readouterr()
     # a reference without image-based scores (COCA, an older cohort) is refused, saying why
     reference.drop(columns=["image_agatston_total"]).to_csv(tmp_path / "old.tsv", sep="\t", index=False)

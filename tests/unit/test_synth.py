@@ -82,28 +82,37 @@ def test_image_reference_by_hand():
     hu[1, 9, 3] = 129.4
     hu[1, 9, 4:7] = 300.0
     footprint[1, 9, 0] = True
-    boxes = (slice(0, 2), slice(0, 12), slice(0, 12))
-    lad, rca = ph.VESSEL_IDS["lad"], ph.VESSEL_IDS["rca"]
+    # slice 1: a 2 x 3 group (1.5 mm^2) at 350 HU (weight 3) overlapping an LM footprint
+    # at 2 pixels and an LCX footprint at 4: the LCX's, 1.5 x 3
+    hu[1, 0:2, 8:11] = 350.0
+    lm_pixels = np.zeros(hu.shape, dtype=bool)
+    lm_pixels[1, 0, 8:10] = True
+    lcx_pixels = np.zeros(hu.shape, dtype=bool)
+    lcx_pixels[1, 1, 8:11] = lcx_pixels[1, 0, 10] = True
+    box = (slice(0, 2), slice(0, 12), slice(0, 12))
     slice0_only, slice1_only = footprint.copy(), footprint.copy()
     slice0_only[1], slice1_only[0] = False, False
-    reference = ph.image_reference(hu, [(boxes, slice0_only, lad), (boxes, slice1_only, rca)], 0.5, 3.0)
+    footprints = [(box, slice0_only, ph.VESSEL_IDS["lad"]), (box, slice1_only, ph.VESSEL_IDS["rca"]),
+                  (box, lm_pixels, ph.VESSEL_IDS["lm"]), (box, lcx_pixels, ph.VESSEL_IDS["lcx"])]
+    reference = ph.image_reference(hu, footprints, 0.5, 3.0)
     assert reference["image_agatston_lad"] == pytest.approx(1.5 * 2)
     assert reference["image_agatston_rca"] == pytest.approx(1.0 * 4)
-    assert reference["image_agatston_lm"] == reference["image_agatston_lcx"] == 0
-    assert reference["image_agatston_total"] == pytest.approx(7.0)
-    assert reference["image_risk_category"] == "1-10"
+    assert reference["image_agatston_lcx"] == pytest.approx(1.5 * 3)
+    assert reference["image_agatston_lm"] == 0
+    assert reference["image_agatston_total"] == pytest.approx(11.5)
+    assert reference["image_risk_category"] == "11-100"
     assert set(reference) == set(ph.IMAGE_REFERENCE_KEYS)
     # a 1.5 mm increment halves it, as in the noise-free reference
-    assert ph.image_reference(hu, [(boxes, footprint, lad)], 0.5, 1.5)["image_agatston_total"] == pytest.approx(3.5)
+    assert ph.image_reference(hu, footprints, 0.5, 1.5)["image_agatston_total"] == pytest.approx(5.75)
 
 
 def test_image_reference_is_the_noise_free_one_when_there_is_no_noise(single_lesion):
     """Without noise the image shows exactly the rendering the noise-free reference
-    scores; only the DICOM's rounding of HU to integers may move a peak's weight, so
-    the two agree to within that."""
+    scores. (The DICOM's rounding of HU to integers could move a pixel across 130 HU or
+    a peak across a weight step in another phantom; in this one it moves neither.)"""
     p = single_lesion
     assert p.reference["image_agatston_total"] > 0
-    assert p.reference["image_agatston_total"] == pytest.approx(p.reference["agatston_total"], rel=0.02)
+    assert p.reference["image_agatston_total"] == pytest.approx(p.reference["agatston_total"], abs=1e-3)
     assert p.reference["image_agatston_lad"] == p.reference["image_agatston_total"]
     assert p.reference["image_risk_category"] == p.reference["risk_category"]
 
@@ -495,8 +504,9 @@ def test_cohort_manifest_and_reference(tiny_cohort):
             assert references[plan.participant]["risk_category"] == ph.risk_category(plan.target)
             image_total = float(references[plan.participant]["image_agatston_total"])
             assert references[plan.participant]["image_risk_category"] == ph.risk_category(image_total)
-            # what the noisy series shows of the same plaques: close to, not equal to, the noise-free score
-            assert image_total == pytest.approx(float(references[plan.participant]["agatston_total"]), rel=0.3)
+            # what the noisy series shows: these plans aim at 0, 40 and 600, far from the
+            # 130 HU / 1 mm^2 edge, so the image shows calcium exactly where one is planned
+            assert (image_total > 0) == (plan.target > 0)
     assert not any((manifest.parent / "dicom").rglob("*.nii.gz"))  # ground truth never inside the DICOM tree
 
 

@@ -1241,9 +1241,9 @@ def image_reference(hu: np.ndarray, footprints: list[tuple], pixel_mm: float, in
 
     ``footprints``: (box, mask, vessel label) per coronary lesion, the voxels its
     rendering covers at all. The image is what the DICOM stores (HU rounded to
-    integers). Per slice, each 8-connected group of pixels >= 130 HU that touches a
-    footprint is a lesion of the footprint's vessel (the vessel of most touching
-    voxels); groups of at least 1 mm^2 score area x weight(peak HU), times
+    integers). Per slice, each 8-connected group of pixels >= 130 HU that overlaps a
+    footprint (shares a pixel with it) is a lesion of the footprint's vessel (the
+    vessel most of its overlapping pixels carry); groups of at least 1 mm^2 score area x weight(peak HU), times
     increment / 3 mm like the noise-free reference. Where noise pushes a faint plaque
     under the threshold this scores 0 although the noise-free reference does not;
     where noise lifts one over it, the reverse.
@@ -1257,7 +1257,7 @@ def image_reference(hu: np.ndarray, footprints: list[tuple], pixel_mm: float, in
         groups, _ = ndimage.label(calcified, structure=np.ones((3, 3)))
         for g in np.unique(groups[(footprint[s] > 0) & calcified]):
             member = groups == g
-            area = member.sum() * pixel_mm * pixel_mm
+            area = float(member.sum()) * pixel_mm * pixel_mm
             if area < AGATSTON_MIN_AREA_MM2:
                 continue
             vessel = int(np.bincount(footprint[s][member], minlength=len(VESSEL_IDS) + 1)[1:].argmax() + 1)
