@@ -63,14 +63,18 @@ class CalciumSegmenter:
         t0 = time.perf_counter()
         inputs, grid = network_inputs(hu, spacing_mm, self.threshold_hu)
         t1 = time.perf_counter()
-        logits = np.concatenate(
-            [self.engine(inputs[i : i + self.batch_slices]) for i in range(0, len(inputs), self.batch_slices)]
-        )
+        logits = engine_logits(self.engine, inputs, self.batch_slices)
         t2 = time.perf_counter()
         labels, flipped, n_candidates, n_coronary, n_ambiguous = assign_candidates(
             hu, logits, grid, self.threshold_hu)
         t3 = time.perf_counter()
         return Segmentation(labels, flipped, n_candidates, n_coronary, n_ambiguous, t1 - t0, t2 - t1, t3 - t2)
+
+
+def engine_logits(engine, inputs: np.ndarray, batch_slices: int = BATCH_SLICES) -> np.ndarray:
+    """``engine`` (inputs [n, C, H, W] -> logits) run over every slice of ``inputs``,
+    ``batch_slices`` slices per call, as the int8 graph was calibrated."""
+    return np.concatenate([engine(inputs[i : i + batch_slices]) for i in range(0, len(inputs), batch_slices)])
 
 
 def assign_candidates(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: float,
@@ -126,10 +130,10 @@ def calcium_cell_probabilities(logits: np.ndarray, grid, z, y, x) -> np.ndarray:
     slot = np.empty(needed.size, dtype=np.int64)
     slot[cells] = np.arange(len(cells))
     per_cell = logits.reshape(len(logits), N_CLASSES, slice_cells)[cells // slice_cells, :, cells % slice_cells]
-    return _softmax(per_cell, axis=1)[slot[coarse_cell]]
+    return softmax(per_cell, axis=1)[slot[coarse_cell]]
 
 
-def _softmax(logits: np.ndarray, axis: int) -> np.ndarray:
+def softmax(logits: np.ndarray, axis: int) -> np.ndarray:
     shifted = logits - logits.max(axis=axis, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=axis, keepdims=True)

@@ -932,17 +932,12 @@ def noncoronary_check(model_dir: str, n_scans: int = 40, seed: int = 31_000_001,
     every one, each device with probability 0.3): the share the exported model scores
     0 (the issue asks at least 95 %). Phantoms without such calcium are drawn again."""
     from cacflow.synth.cohort import noncoronary_calcium
-    from cacflow.synth.phantom import generate_phantom
 
     score = _phantom_scorer(model_dir, workers, engine)
-    rng = np.random.default_rng(seed)
     rows = []
-    while len(rows) < n_scans:
-        settings = replace(randomised_phantom_settings(rng), n_coronary_lesions=0, device_probability=0.3)
-        phantom = generate_phantom(int(rng.integers(2**31)), settings)
-        kinds = noncoronary_calcium(phantom)
-        if not kinds:
-            continue
+    drawn = _phantoms_showing(np.random.default_rng(seed), n_scans, noncoronary_calcium,
+                              n_coronary_lesions=0, device_probability=0.3)
+    for settings, phantom, kinds in drawn:
         predicted, predicted_range, _ = score(phantom)
         devices = sorted({d["kind"] for d in phantom.distractors} & {"stent", "sternal_wires", "pacemaker_lead"})
         rows.append({"gated": settings.gated, "noncoronary_calcium": kinds, "devices": ";".join(devices),
@@ -951,6 +946,22 @@ def noncoronary_check(model_dir: str, n_scans: int = 40, seed: int = 31_000_001,
         log.info("noncoronary %d/%d: %s%s, predicted %.1f", len(rows), n_scans, kinds,
                  f" + {';'.join(devices)}" if devices else "", predicted.agatston_total)
     return {**_zero_scan_summary(rows, seed, score.engine), "scans": rows}
+
+
+def _phantoms_showing(rng: np.random.Generator, n_scans: int, kinds_of, **changes):
+    """(settings, phantom, kinds) for ``n_scans`` phantoms drawn like the training data
+    with ``changes`` to their settings, each showing calcium of the kinds
+    ``kinds_of(phantom)`` lists; phantoms showing none are drawn again."""
+    from cacflow.synth.phantom import generate_phantom
+
+    found = 0
+    while found < n_scans:
+        settings = replace(randomised_phantom_settings(rng), **changes)
+        phantom = generate_phantom(int(rng.integers(2**31)), settings)
+        kinds = kinds_of(phantom)
+        if kinds:
+            found += 1
+            yield settings, phantom, kinds
 
 
 def _zero_scan_summary(rows: list[dict], seed: int, engine: str) -> dict:
@@ -977,18 +988,17 @@ def unfamiliar_calcium_check(model_dir: str, n_scans: int = 40, seed: int = 41_0
     model called coronary. How a model trained on a simulator meets calcium it has not
     learnt, as it will in real chest CT. Phantoms without such calcium visible are
     drawn again."""
-    from cacflow.synth.phantom import UNFAMILIAR_CALCIUM_KINDS, generate_phantom
+    from cacflow.synth.phantom import UNFAMILIAR_CALCIUM_KINDS
+
+    def visible_unfamiliar_kinds(phantom) -> list[str]:
+        return sorted({d["kind"] for d in phantom.distractors
+                       if d["kind"] in UNFAMILIAR_CALCIUM_KINDS and d["agatston_if_scored"] > 0})
 
     score = _phantom_scorer(model_dir, workers, engine)
-    rng = np.random.default_rng(seed)
     rows = []
-    while len(rows) < n_scans:
-        settings = replace(randomised_phantom_settings(rng), n_coronary_lesions=0, unfamiliar_calcium=True)
-        phantom = generate_phantom(int(rng.integers(2**31)), settings)
-        kinds = sorted({d["kind"] for d in phantom.distractors
-                        if d["kind"] in UNFAMILIAR_CALCIUM_KINDS and d["agatston_if_scored"] > 0})
-        if not kinds:
-            continue
+    drawn = _phantoms_showing(np.random.default_rng(seed), n_scans, visible_unfamiliar_kinds,
+                              n_coronary_lesions=0, unfamiliar_calcium=True)
+    for settings, phantom, kinds in drawn:
         predicted, predicted_range, labels = score(phantom)
         rows.append({"gated": settings.gated, "unfamiliar_calcium": ";".join(kinds),
                      "reference": phantom.reference["agatston_total"], "predicted": predicted.agatston_total,

@@ -72,7 +72,7 @@ def test_segmenter_batches_slices_and_labels_all_calcium():
 def test_probabilities_are_the_full_grid_softmax_at_each_calcium_voxel():
     """The vote's softmax runs on the coarse cells holding calcium only; each voxel
     must get exactly its cell's row of the softmax over the whole grid."""
-    from cacflow.inference import _softmax, calcium_cell_probabilities
+    from cacflow.inference import calcium_cell_probabilities, softmax
 
     rng = np.random.default_rng(7)
     hu = rng.normal(0, 120, (3, 40, 36)).astype(np.float32)
@@ -80,7 +80,7 @@ def test_probabilities_are_the_full_grid_softmax_at_each_calcium_voxel():
     logits = rng.normal(0, 4, (3, N_CLASSES, grid.padded_height, grid.padded_width)).astype(np.float32)
     z, y, x = np.nonzero(hu >= 130)
     assert 50 < len(z) < hu.size // 2
-    full = _softmax(logits, axis=1)
+    full = softmax(logits, axis=1)
     expected = full[z, :, grid.row_index[y], grid.col_index[x]]
     assert np.array_equal(calcium_cell_probabilities(logits, grid, z, y, x), expected)
 

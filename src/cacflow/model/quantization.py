@@ -106,12 +106,9 @@ def parity(float_path: Path, int8_path: Path, volumes: list[np.ndarray]) -> dict
 
 
 def _probabilities(session, volume: np.ndarray) -> np.ndarray:
-    from cacflow.inference import BATCH_SLICES
+    from cacflow.inference import engine_logits, softmax
 
-    logits = np.concatenate([session.run(None, {"inputs": volume[i : i + BATCH_SLICES]})[0]
-                             for i in range(0, len(volume), BATCH_SLICES)])
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True)
+    return softmax(engine_logits(lambda batch: session.run(None, {"inputs": batch})[0], volume), axis=1)
 
 
 def export_int8(model_dir: Path, n_calibration: int = CALIBRATION_PHANTOMS, *, stream: dict,
