@@ -165,6 +165,9 @@ def test_every_rule_declares_a_conda_environment(path):
     if path.name != "common.smk":
         assert blocks, f"{path.name}: no rules found"
     for rule, body in blocks.items():
+        if not re.search(r"^\s+(shell|run|script|notebook|wrapper):", body, re.MULTILINE):
+            assert "conda:" not in body, f"{path.name}: rule {rule} runs nothing, so needs no `conda:`"
+            continue  # a target rule (e.g. `evaluate`): it only asks for other rules' outputs
         match = re.search(r"^\s+conda:\s*\n\s+(\S.*?)\s*,?\s*$|^\s+conda:\s*(\S.*?)\s*,?\s*$", body, re.MULTILINE)
         assert match, f"{path.name}: rule {rule} has no `conda:` directive"
         value = (match.group(1) or match.group(2)).rstrip(",")
