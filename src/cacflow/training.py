@@ -892,16 +892,16 @@ def holdout_check(model_dir: str, n_scans: int = 40, seed: int = 99_000_001, wor
         "n_scans": n_scans,
         "seed": seed,
         "engine": score.engine,
-        **_agreement_summary(rows, "reference"),
+        **agreement_summary(rows, "reference"),
         "risk_category_agreement_gated": float(np.mean(
             [r["reference_category"] == r["predicted_category"] for r in rows if r["gated"]] or [np.nan])),
-        **{f"{name}_image_reference": value for name, value in _agreement_summary(rows, "image_reference").items()},
+        **{f"{name}_image_reference": value for name, value in agreement_summary(rows, "image_reference").items()},
         **_flag_summary(rows, [r["reference_category"] != r["predicted_category"] for r in rows]),
         "scans": rows,
     }
 
 
-def _agreement_summary(rows: list[dict], reference: str) -> dict:
+def agreement_summary(rows: list[dict], reference: str) -> dict:
     """Risk-category agreement, CAC > 0 sensitivity and specificity and the mean
     absolute Agatston error of the predictions against the rows' ``reference`` column
     (its category in ``{reference}_category``)."""

@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from cacflow.inference import IN_PLANE_8_CONNECTED, assign_candidates, calcium_cell_probabilities
+from cacflow.inference import IN_PLANE_8_CONNECTED, assign_candidates, calcium_cell_probabilities, engine_logits
 from cacflow.model.engines import ModelFiles, OnnxRuntimeEngine
 from cacflow.model.network import N_CLASSES
 from cacflow.model.preprocessing import network_inputs
 from cacflow.scoring import risk_category, score_volume
 from cacflow.synth.phantom import generate_phantom
-from cacflow.training import randomised_phantom_settings
+from cacflow.training import agreement_summary, randomised_phantom_settings
 
 SETS = {"validation": 55_000_001, "holdout": 99_000_001}  # the seeds of tests/benchmarks/model_checks.py
 SHARES = (0.3, 0.4, 0.45, 0.55, 0.6)
@@ -72,16 +72,7 @@ def labels_by_rule(hu: np.ndarray, logits: np.ndarray, grid, truth: np.ndarray) 
 
 
 def summary(rows: list[dict]) -> dict:
-    positives = [r for r in rows if r["reference"] > 0]
-    negatives = [r for r in rows if r["reference"] == 0]
-    return {
-        "n_scans": len(rows),
-        "risk_category_agreement": float(np.mean([risk_category(r["predicted"]) == risk_category(r["reference"])
-                                                  for r in rows])),
-        "sensitivity_cac_gt_0": float(np.mean([r["predicted"] > 0 for r in positives])) if positives else None,
-        "specificity_cac_eq_0": float(np.mean([r["predicted"] == 0 for r in negatives])) if negatives else None,
-        "mean_abs_agatston_error": float(np.mean([abs(r["predicted"] - r["reference"]) for r in rows])),
-    }
+    return {"n_scans": len(rows), **agreement_summary(rows, "reference")}
 
 
 def main() -> None:
@@ -100,12 +91,13 @@ def main() -> None:
             settings = randomised_phantom_settings(rng)
             phantom = generate_phantom(int(rng.integers(2**31)), settings)
             inputs, grid = network_inputs(phantom.hu, phantom.spacing_mm)
-            logits = np.concatenate([engine(inputs[i:i + 16]) for i in range(0, len(inputs), 16)])
+            logits = engine_logits(engine, inputs)
             for rule, labels in labels_by_rule(phantom.hu, logits, grid, phantom.coronary_labels).items():
                 predicted = score_volume(phantom.hu, labels, phantom.spacing_mm,
                                          z_positions_mm=phantom.z_positions_mm).agatston_total
-                rows.setdefault(rule, []).append({"reference": phantom.reference["agatston_total"],
-                                                  "predicted": predicted})
+                reference = phantom.reference["agatston_total"]
+                rows.setdefault(rule, []).append({"reference": reference, "reference_category": risk_category(reference),
+                                                  "predicted": predicted, "predicted_category": risk_category(predicted)})
         for rule, rule_rows in rows.items():
             print(json.dumps({"set": set_name, "seed": SETS[set_name], "rule": rule, **summary(rule_rows)}), flush=True)
 

@@ -1243,8 +1243,8 @@ def image_reference(hu: np.ndarray, footprints: list[tuple], pixel_mm: float, in
     rendering covers at all. The image is what the DICOM stores (HU rounded to
     integers). Per slice, each 8-connected group of pixels >= 130 HU that overlaps a
     footprint (shares a pixel with it) is a lesion of the footprint's vessel (the
-    vessel most of its overlapping pixels carry); groups of at least 1 mm^2 score area x weight(peak HU), times
-    increment / 3 mm like the noise-free reference. Where noise pushes a faint plaque
+    vessel most of its overlapping pixels carry); groups of at least 1 mm^2 score
+    area x weight(peak HU), times increment / 3 mm like the noise-free reference. Where noise pushes a faint plaque
     under the threshold this scores 0 although the noise-free reference does not;
     where noise lifts one over it, the reverse.
     """
@@ -1253,7 +1253,8 @@ def image_reference(hu: np.ndarray, footprints: list[tuple], pixel_mm: float, in
         np.copyto(footprint[box], np.uint8(vessel), where=mask)
     per_vessel = {name: 0.0 for name in VESSEL_IDS}
     for s in np.flatnonzero(footprint.any(axis=(1, 2))):
-        calcified = np.rint(hu[s]) >= AGATSTON_THRESHOLD_HU
+        image = np.rint(hu[s])  # as the DICOM stores it
+        calcified = image >= AGATSTON_THRESHOLD_HU
         groups, _ = ndimage.label(calcified, structure=np.ones((3, 3)))
         for g in np.unique(groups[(footprint[s] > 0) & calcified]):
             member = groups == g
@@ -1261,7 +1262,7 @@ def image_reference(hu: np.ndarray, footprints: list[tuple], pixel_mm: float, in
             if area < AGATSTON_MIN_AREA_MM2:
                 continue
             vessel = int(np.bincount(footprint[s][member], minlength=len(VESSEL_IDS) + 1)[1:].argmax() + 1)
-            per_vessel[VESSEL_LABELS[vessel]] += area * _weight(float(np.rint(hu[s][member]).max()))
+            per_vessel[VESSEL_LABELS[vessel]] += area * _weight(float(image[member].max()))
     factor = increment_mm / 3.0
     total = sum(per_vessel.values()) * factor
     return {
