@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from cacflow.candidate_review import CandidateReview, candidate_features, scan_noise_hu
 from cacflow.model.engines import Engine
 from cacflow.model.network import N_CLASSES
 from cacflow.model.preprocessing import network_inputs
@@ -54,10 +55,12 @@ class Segmentation:
 class CalciumSegmenter:
     """Holds one engine; call ``segment`` for each scan."""
 
-    def __init__(self, engine: Engine, threshold_hu: float = 130.0, batch_slices: int = BATCH_SLICES):
+    def __init__(self, engine: Engine, threshold_hu: float = 130.0, batch_slices: int = BATCH_SLICES,
+                 review: CandidateReview | None = None):
         self.engine = engine
         self.threshold_hu = threshold_hu
         self.batch_slices = batch_slices
+        self.review = review  # the model's second look at small candidates (cacflow.candidate_review)
 
     def segment(self, hu: np.ndarray, spacing_mm: tuple[float, float, float]) -> Segmentation:
         t0 = time.perf_counter()
@@ -66,7 +69,7 @@ class CalciumSegmenter:
         logits = engine_logits(self.engine, inputs, self.batch_slices)
         t2 = time.perf_counter()
         labels, flipped, n_candidates, n_coronary, n_ambiguous = assign_candidates(
-            hu, logits, grid, self.threshold_hu)
+            hu, logits, grid, self.threshold_hu, review=self.review, pixel_area_mm2=spacing_mm[1] * spacing_mm[2])
         t3 = time.perf_counter()
         return Segmentation(labels, flipped, n_candidates, n_coronary, n_ambiguous, t1 - t0, t2 - t1, t3 - t2)
 
@@ -78,9 +81,12 @@ def engine_logits(engine, inputs: np.ndarray, batch_slices: int = BATCH_SLICES) 
 
 
 def assign_candidates(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: float,
-                      ambiguous_share: tuple[float, float] = AMBIGUOUS_CORONARY_SHARE):
+                      ambiguous_share: tuple[float, float] = AMBIGUOUS_CORONARY_SHARE,
+                      review: CandidateReview | None = None, pixel_area_mm2: float | None = None):
     """Label each calcium candidate with its most probable class (summed over voxels),
-    from the engine's logits ``[z, N_CLASSES, padded_height, padded_width]``.
+    from the engine's logits ``[z, N_CLASSES, padded_height, padded_width]``. With a
+    ``review`` (needs ``pixel_area_mm2``), the small candidates it covers are coronary
+    when its probability is at least 0.5, in place of the network's share.
 
     Returns (labels, flipped_labels, n_candidates, n_coronary, n_ambiguous)."""
     calcium = hu >= threshold_hu
@@ -109,6 +115,11 @@ def assign_candidates(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: fl
     component_class = np.where(coronary, vessel, 0).astype(np.uint8)
     component_class[0] = 0
     share = coronary_votes / np.maximum(votes.sum(axis=1), 1e-12)
+    if review is not None:
+        share = reviewed_share(hu, components, component_of_voxel, share, review, pixel_area_mm2, threshold_hu)
+        coronary = share >= 0.5
+        component_class = np.where(coronary, vessel, 0).astype(np.uint8)
+        component_class[0] = 0
     ambiguous = (share >= ambiguous_share[0]) & (share < ambiguous_share[1])
     ambiguous[0] = False
     flipped_class = np.where(ambiguous, np.where(coronary, 0, vessel), component_class).astype(np.uint8)
@@ -116,6 +127,19 @@ def assign_candidates(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: fl
     flipped = np.zeros_like(labels)
     flipped[z, y, x] = flipped_class[component_of_voxel]
     return labels, flipped, n_candidates, int((component_class[1:] > 0).sum()), int(ambiguous.sum())
+
+
+def reviewed_share(hu, components, component_of_voxel, share, review: CandidateReview, pixel_area_mm2: float,
+                   threshold_hu: float) -> np.ndarray:
+    """``share`` with the review's probability in place for the candidates it decides."""
+    area_mm2 = np.bincount(component_of_voxel, minlength=len(share)) * pixel_area_mm2
+    chosen = np.flatnonzero(review.reviewed(share, area_mm2))
+    if len(chosen) == 0:
+        return share
+    features = candidate_features(hu, components, chosen, share, pixel_area_mm2, scan_noise_hu(hu), threshold_hu)
+    decided = share.copy()
+    decided[chosen] = review.probability(features)
+    return decided
 
 
 def calcium_cell_probabilities(logits: np.ndarray, grid, z, y, x) -> np.ndarray:

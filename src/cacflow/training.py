@@ -109,6 +109,10 @@ class TrainingConfig:
     # Phantoms that calibrate the int8 copy of the graph for the CPU engine
     # (cacflow.model.quantization); 0 writes none (that engine then runs the float graph).
     int8_calibration_phantoms: int = CALIBRATION_PHANTOMS
+    # Phantoms (with specks, without) the candidate review is fitted on after training
+    # (cacflow.review_training; the shipped model's: REVIEW_PHANTOMS); (0, 0) fits
+    # none, and the network then decides alone. A COCA fine-tune fits none either.
+    review_phantoms: tuple[int, int] = (0, 0)
     # Then tune what the members trained into on phantoms with scattered blobs (and,
     # if the tune says so, perivascular ones; SHIPPED_NEGATIVES_TUNE is the shipped
     # model's); None: stop after the members (CalciumNet 0.3.0's recipe).
@@ -450,7 +454,18 @@ class CropSampler:
 
 
 def train(config: TrainingConfig) -> dict:
-    """Train (or resume) the model ``config`` describes and export it to model_dir."""
+    """Train (or resume) the model ``config`` describes and export it to model_dir,
+    then fit its candidate review (``config.review_phantoms``)."""
+    info = _train_and_export(config)
+    if sum(config.review_phantoms) and not config.coca_root:
+        from cacflow.review_training import fit_candidate_review
+
+        fit_candidate_review(config.model_dir, counts=tuple(config.review_phantoms), workers=config.workers)
+        info = json.loads((Path(config.model_dir) / "model.json").read_text())
+    return info
+
+
+def _train_and_export(config: TrainingConfig) -> dict:
     if config.negatives_tune and not config.coca_root:
         return _train_then_tune(config)
     if config.members and not config.coca_root:  # a COCA fine-tune tunes init_weights as they are
@@ -799,7 +814,8 @@ def _phantom_scorer(model_dir: str, workers: int, engine: str = "onnxruntime"):
     from cacflow.model.engines import ModelFiles, create_engine
     from cacflow.scoring import agatston_range, score_volume
 
-    segmenter = CalciumSegmenter(create_engine(engine, ModelFiles(Path(model_dir)), threads=workers))
+    model = ModelFiles(Path(model_dir))
+    segmenter = CalciumSegmenter(create_engine(engine, model, threads=workers), review=model.candidate_review)
 
     def score(phantom):
         segmentation = segmenter.segment(phantom.hu, phantom.spacing_mm)

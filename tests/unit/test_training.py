@@ -207,7 +207,7 @@ def test_cli_batch_size_is_the_number_of_crops_each_step_trains_on(tmp_path, two
     (work / "dataset").symlink_to(two_phantom_dataset, target_is_directory=True)
     assert cli.main(["train", "--work-dir", str(work), "--model-dir", str(tmp_path / "model"), "--members", "2:2",
                      "--batch-size", "3", "--device", "cpu", "--workers", "1", "--int8-calibration-phantoms", "0",
-                     "--negatives-tune", "none"]) == 0  # without it, the shipped 400-phantom tune would run
+                     "--negatives-tune", "none", "--review-phantoms", "0:0"]) == 0  # without them, the shipped tune and review would run
     info = json.loads((tmp_path / "model" / "model.json").read_text())
     assert info["training"]["batch_size"] == 3
     assert "negatives_tune" not in info
@@ -535,3 +535,29 @@ def test_cli_blob_flags_reach_the_training_recipe(tmp_path, monkeypatch):
     assert (recipes[-1].scattered_calcium, recipes[-1].perivascular_calcium) == (True, True)
     assert not recipes[-1].speck_lesions
     assert cli.main(base + ["--speck-lesions"]) == 0 and recipes[-1].speck_lesions
+
+
+def test_training_then_fits_the_candidate_review_and_scans_use_it(tmp_path, two_phantom_dataset):
+    """``--review-phantoms 1:1``: after export, one phantom with specks and one without
+    fit the review, recorded in model.json, and the model folder loads it."""
+    from cacflow.candidate_review import FEATURES
+    from cacflow.model.engines import ModelFiles
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "dataset").symlink_to(two_phantom_dataset, target_is_directory=True)
+    assert cli.main(["train", "--work-dir", str(work), "--model-dir", str(tmp_path / "model"), "--members", "2:2",
+                     "--device", "cpu", "--workers", "1", "--int8-calibration-phantoms", "0",
+                     "--negatives-tune", "none", "--review-phantoms", "1:1"]) == 0
+    record = json.loads((tmp_path / "model" / "model.json").read_text())["candidate_review"]
+    assert record["features"] == list(FEATURES)
+    assert record["fitted_on"]["phantoms_with_specks"] == 1 and record["fitted_on"]["phantoms_without"] == 1
+    assert record["fitted_on"]["candidates"] > 0
+    review = ModelFiles(tmp_path / "model").candidate_review
+    assert review is not None and len(review.weights) == len(FEATURES)
+
+
+@pytest.mark.parametrize("counts", ["1", "1:-1", "a:b", "1:2:3"])
+def test_cli_refuses_review_phantoms_that_are_not_two_counts(tmp_path, counts):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m"), "--review-phantoms", counts])

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cacflow.model.quantization import CALIBRATION_PHANTOMS
+from cacflow.review_training import REVIEW_PHANTOMS
 from cacflow.training import ACQUISITION_RECIPES, SHIPPED_NEGATIVES_TUNE, TRAINING_DEVICES, NegativesTune
 
 NAME = "train"
@@ -67,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8-calibration-phantoms", type=_non_negative, default=CALIBRATION_PHANTOMS,
                         help="phantoms calibrating the 8-bit copy of the graph that the CPU engine runs "
                              "(0: write none; the CPU engine then runs the float graph)")
+    parser.add_argument("--review-phantoms", type=_review_phantoms, default=REVIEW_PHANTOMS,
+                        metavar="WITH_SPECKS:WITHOUT",
+                        help="then fit the second look at small calcium candidates on this many phantoms with "
+                             "faint specks and without (default: the shipped model's, %d:%d; 0:0 fits none and "
+                             "the network decides alone; never after a COCA fine-tune)" % REVIEW_PHANTOMS)
 
 
 def _integer_from(minimum: int, expected: str):
@@ -96,6 +102,16 @@ def _members(text: str) -> tuple[tuple[int, int], ...]:
     if not members or any(len(pair) != 2 or min(pair) < 1 for pair in members):
         raise argparse.ArgumentTypeError(f"expected VOLUMES:STEPS pairs of positive integers, e.g. 400:20000,800:30000; got {text!r}")
     return members
+
+
+def _review_phantoms(text: str) -> tuple[int, int]:
+    try:
+        counts = tuple(int(n) for n in text.split(":"))
+    except ValueError:
+        counts = ()
+    if len(counts) != 2 or min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"expected WITH_SPECKS:WITHOUT, two counts of phantoms, e.g. 160:100; got {text!r}")
+    return counts
 
 
 def _positive_float(text: str) -> float:
@@ -136,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, acquisition=args.acquisition, scattered_calcium=args.scattered_calcium,
         perivascular_calcium=args.perivascular_calcium, speck_lesions=args.speck_lesions,
         int8_calibration_phantoms=args.int8_calibration_phantoms,
+        review_phantoms=(0, 0) if args.coca_root else args.review_phantoms,
     )
     tune = args.negatives_tune  # None: not given
     modifiers = (args.negatives_tune_perivascular or args.negatives_tune_specks

@@ -117,6 +117,15 @@ class ModelFiles:
         return self.info["model_version"]
 
     @property
+    def candidate_review(self):
+        """The model's second look at small candidates (``cacflow.candidate_review``),
+        or None for a model fitted without one: the network then decides alone."""
+        from cacflow.candidate_review import CandidateReview
+
+        record = self.info.get("candidate_review")
+        return CandidateReview.from_dict(record) if record else None
+
+    @property
     def ensemble_size(self) -> int:
         """CalciumNets whose probabilities the model averages (1: a single network)."""
         return int(self.info.get("ensemble_size", 1))
