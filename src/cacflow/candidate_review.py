@@ -13,8 +13,13 @@ The review is a logistic model over those features and the network's own coronar
 share. It decides, in place of the share, for candidates smaller than
 ``max_area_mm2`` whose share is at least ``min_share``; every other candidate keeps
 the network's decision. It is fitted on generated scans with the network it serves
-(``cacflow.training.fit_candidate_review``) and stored with it in model.json
+(``cacflow.review_training.fit_candidate_review``) and stored with it in model.json
 (``candidate_review``); a model without one keeps the network's decisions.
+
+Tried and not adopted (docs/evaluation.md, "A second look at small candidates"): it
+found more specks, and also called small calcification of unfamiliar kinds (lung
+granulomas, costal cartilage, hilar nodes) coronary, as its features do not say where
+a candidate lies. The shipped model has no review; this stays for reproducing that.
 """
 
 from __future__ import annotations
@@ -114,7 +119,7 @@ class CandidateReview:
     def from_dict(cls, record: dict) -> "CandidateReview":
         if list(record["features"]) != list(FEATURES):
             raise ValueError(f"candidate review was fitted on features {record['features']}, "
-                             f"this cacflow computes {list(FEATURES)}: refit it (cacflow.training.fit_candidate_review)")
+                             f"this cacflow computes {list(FEATURES)}: refit it (cacflow.review_training.fit_candidate_review)")
         return cls(float(record["intercept"]), tuple(map(float, record["weights"])),
                    tuple(map(float, record["feature_mean"])), tuple(map(float, record["feature_scale"])),
                    float(record["min_share"]), float(record["max_area_mm2"]))

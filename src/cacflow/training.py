@@ -663,7 +663,7 @@ def training_record(config: TrainingConfig, ensemble: bool) -> dict:
     has a record of its own (an ensemble's ``n_volumes``/``steps`` are its members')."""
     return {k: v for k, v in asdict(config).items()
             if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device", "dataset_dir",
-                         "int8_calibration_phantoms", "negatives_tune")
+                         "int8_calibration_phantoms", "negatives_tune", "review_phantoms")
             and not (ensemble and k in ("n_volumes", "steps"))
             and not (k in _RECORDED_WHEN_USED and not v)}
 

@@ -98,3 +98,11 @@ def test_review_skips_candidates_the_network_rules_out():
     labels, *_ = assign_candidates(hu, as_logits(one_hot_probabilities(grid, 1, {})), grid, 130.0,
                                    review=always, pixel_area_mm2=0.25)
     assert labels.max() == 0  # share ~0 < min_share: not reviewed, stays "not coronary"
+
+
+def test_the_shipped_model_has_no_review_and_decides_by_the_network_alone():
+    """The review was tried and not adopted (docs/evaluation.md): the shipped model.json
+    holds no review, so the workflow's decisions are the network's."""
+    from cacflow.model.engines import ModelFiles
+
+    assert ModelFiles.packaged().candidate_review is None

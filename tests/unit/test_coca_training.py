@@ -118,14 +118,14 @@ def test_snakemake_train_fine_tunes_when_the_config_names_a_coca_root(tmp_path):
     plain = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert ("--work-dir results/training --members 400:20000,800:30000 --negatives-tune shipped "
-            "--review-phantoms 160:100 --device auto") in plain.stdout
+            "--review-phantoms 0:0 --device auto") in plain.stdout
     assert "--coca-root" not in plain.stdout
     one_stage = tmp_path / "one_stage.yaml"
-    one_stage.write_text("training:\n  negatives_tune: null\n  review_phantoms: [0, 0]\n")
+    one_stage.write_text("training:\n  negatives_tune: null\n  review_phantoms: [160, 100]\n")
     members_only = subprocess.run([*command, "--configfile", str(one_stage)], capture_output=True, text=True, env=env,
                                   cwd=tmp_path)
     assert members_only.returncode == 0, members_only.stderr[-2000:]
-    assert "--members 400:20000,800:30000 --negatives-tune none --review-phantoms 0:0 --device auto" in members_only.stdout
+    assert "--members 400:20000,800:30000 --negatives-tune none --review-phantoms 160:100 --device auto" in members_only.stdout
     two_stage = tmp_path / "two_stage.yaml"
     # A mapping of one's own replaces the default whole: no perivascular blobs unless it says so.
     two_stage.write_text("training:\n  negatives_tune: {volumes: 800, steps: 9000, learning_rate: 0.0005}\n")
@@ -133,14 +133,14 @@ def test_snakemake_train_fine_tunes_when_the_config_names_a_coca_root(tmp_path):
                            cwd=tmp_path)
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     assert ("--members 400:20000,800:30000 --negatives-tune 800:9000 --negatives-tune-learning-rate 0.0005 "
-            "--review-phantoms 160:100 --device auto") in tuned.stdout
+            "--review-phantoms 0:0 --device auto") in tuned.stdout
     two_stage.write_text("training:\n  negatives_tune: {volumes: 400, steps: 5000, learning_rate: 0.001,\n"
                          "                   perivascular_calcium: true, speck_lesions: true}\n")
     tuned = subprocess.run([*command, "--configfile", str(two_stage)], capture_output=True, text=True, env=env,
                            cwd=tmp_path)
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     assert ("--negatives-tune 400:5000 --negatives-tune-learning-rate 0.001 --negatives-tune-perivascular "
-            "--negatives-tune-specks --review-phantoms 160:100 --device auto") in tuned.stdout
+            "--negatives-tune-specks --review-phantoms 0:0 --device auto") in tuned.stdout
     extra = tmp_path / "coca.yaml"
     extra.write_text("training:\n  coca_root: /data/my coca\n  fine_tune_steps: 700\n  device: cuda\n")
     tuned = subprocess.run([*command, "--configfile", str(extra)], capture_output=True, text=True, env=env, cwd=tmp_path)

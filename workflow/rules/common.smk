@@ -113,5 +113,5 @@ def training_arguments():
         tune = (f"--negatives-tune {tune['volumes']}:{tune['steps']} --negatives-tune-learning-rate "
                 f"{tune['learning_rate']}" + (" --negatives-tune-perivascular" if tune.get("perivascular_calcium") else "")
                 + (" --negatives-tune-specks" if tune.get("speck_lesions") else ""))
-    review = "--review-phantoms {}:{}".format(*training.get("review_phantoms", [160, 100]))
+    review = "--review-phantoms {}:{}".format(*training.get("review_phantoms", [0, 0]))
     return f"--work-dir results/training {f'--members {members} ' if members else ''}{tune} {review} {device}"

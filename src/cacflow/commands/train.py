@@ -68,11 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8-calibration-phantoms", type=_non_negative, default=CALIBRATION_PHANTOMS,
                         help="phantoms calibrating the 8-bit copy of the graph that the CPU engine runs "
                              "(0: write none; the CPU engine then runs the float graph)")
-    parser.add_argument("--review-phantoms", type=_review_phantoms, default=REVIEW_PHANTOMS,
+    parser.add_argument("--review-phantoms", type=_review_phantoms, default=(0, 0),
                         metavar="WITH_SPECKS:WITHOUT",
-                        help="then fit the second look at small calcium candidates on this many phantoms with "
-                             "faint specks and without (default: the shipped model's, %d:%d; 0:0 fits none and "
-                             "the network decides alone; never after a COCA fine-tune)" % REVIEW_PHANTOMS)
+                        help="then fit a second look at small calcium candidates on this many phantoms with faint "
+                             "specks and without (default 0:0, the shipped model's recipe: none, the network decides "
+                             "alone; tried and not adopted: %d:%d, docs/evaluation.md; never after a COCA "
+                             "fine-tune)" % REVIEW_PHANTOMS)
 
 
 def _integer_from(minimum: int, expected: str):
