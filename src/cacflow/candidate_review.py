@@ -54,6 +54,14 @@ def scan_noise_hu(hu: np.ndarray, step: int = 4) -> float:
     return max(float(1.4826 * mad / np.sqrt(2.0)), _MIN_NOISE_HU)
 
 
+def candidates_to_review(share: np.ndarray, area_mm2: np.ndarray, min_share: float, max_area_mm2: float) -> np.ndarray:
+    """Which candidates (by component number; 0, the background, never) a review with
+    these bounds decides."""
+    chosen = (share >= min_share) & (area_mm2 < max_area_mm2)
+    chosen[0] = False
+    return chosen
+
+
 def candidate_features(hu: np.ndarray, components: np.ndarray, candidates: np.ndarray, share: np.ndarray,
                        pixel_area_mm2: float, noise_hu: float, threshold_hu: float = 130.0) -> np.ndarray:
     """``[len(candidates), len(FEATURES)]`` for the in-slice components ``candidates``
@@ -103,12 +111,6 @@ class CandidateReview:
     def probability(self, features: np.ndarray) -> np.ndarray:
         z = (features - np.asarray(self.feature_mean)) / np.asarray(self.feature_scale)
         return 1.0 / (1.0 + np.exp(-(self.intercept + z @ np.asarray(self.weights))))
-
-    def reviewed(self, share: np.ndarray, area_mm2: np.ndarray) -> np.ndarray:
-        """Which candidates (by component number; 0, the background, never) the review decides."""
-        chosen = (share >= self.min_share) & (area_mm2 < self.max_area_mm2)
-        chosen[0] = False
-        return chosen
 
     def to_dict(self) -> dict:
         return {"features": list(FEATURES), "intercept": self.intercept, "weights": list(self.weights),

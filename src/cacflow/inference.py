@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from cacflow.candidate_review import CandidateReview, candidate_features, scan_noise_hu
+from cacflow.candidate_review import FEATURES, CandidateReview, candidate_features, candidates_to_review, scan_noise_hu
 from cacflow.model.engines import Engine
 from cacflow.model.network import N_CLASSES
 from cacflow.model.preprocessing import network_inputs
@@ -80,6 +80,43 @@ def engine_logits(engine, inputs: np.ndarray, batch_slices: int = BATCH_SLICES) 
     return np.concatenate([engine(inputs[i : i + batch_slices]) for i in range(0, len(inputs), batch_slices)])
 
 
+@dataclass
+class CandidateVotes:
+    """The in-slice calcium components of a scan and each one's summed class probabilities."""
+
+    components: np.ndarray  # int32 [z, y, x]: component number of each voxel, 0 off calcium
+    count: int
+    of_voxel: np.ndarray  # component number of each calcium voxel, in np.nonzero order
+    voxels: tuple[np.ndarray, np.ndarray, np.ndarray]  # (z, y, x) of the calcium voxels
+    votes: np.ndarray  # [count + 1, N_CLASSES]; row 0, the background, is all 0
+
+    @property
+    def coronary_share(self) -> np.ndarray:
+        """The vessels' share of each component's summed probability."""
+        return self.votes[:, 1:].sum(axis=1) / np.maximum(self.votes.sum(axis=1), 1e-12)
+
+
+def candidate_votes(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: float) -> CandidateVotes:
+    """Sum the engine's class probabilities (logits ``[z, N_CLASSES, padded_height,
+    padded_width]``) over each calcium candidate's voxels."""
+    calcium = hu >= threshold_hu
+    components, count = ndimage.label(calcium, structure=IN_PLANE_8_CONNECTED)
+    if count == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return CandidateVotes(components, 0, empty, (empty, empty, empty), np.zeros((1, N_CLASSES)))
+    # The same voxels in the same order as np.nonzero(components), from a flat scan of
+    # the 1-byte mask rather than the 4-byte labels.
+    flat = np.flatnonzero(calcium)
+    of_voxel = components.ravel()[flat]
+    z, y, x = np.unravel_index(flat, hu.shape)
+    voxel_probabilities = calcium_cell_probabilities(logits, grid, z, y, x)
+    votes = np.stack(
+        [np.bincount(of_voxel, weights=voxel_probabilities[:, c], minlength=count + 1) for c in range(N_CLASSES)],
+        axis=1,
+    )
+    return CandidateVotes(components, count, of_voxel, (z, y, x), votes)
+
+
 def assign_candidates(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: float,
                       ambiguous_share: tuple[float, float] = AMBIGUOUS_CORONARY_SHARE,
                       review: CandidateReview | None = None, pixel_area_mm2: float | None = None):
@@ -89,57 +126,47 @@ def assign_candidates(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: fl
     when its probability is at least 0.5, in place of the network's share.
 
     Returns (labels, flipped_labels, n_candidates, n_coronary, n_ambiguous)."""
-    calcium = hu >= threshold_hu
-    components, n_candidates = ndimage.label(calcium, structure=IN_PLANE_8_CONNECTED)
+    candidates = candidate_votes(hu, logits, grid, threshold_hu)
     labels = np.zeros(hu.shape, dtype=np.uint8)
-    if n_candidates == 0:
+    if candidates.count == 0:
         return labels, labels.copy(), 0, 0, 0
-    # The same voxels in the same order as np.nonzero(components), from a flat scan of
-    # the 1-byte mask rather than the 4-byte labels.
-    voxels = np.flatnonzero(calcium)
-    component_of_voxel = components.ravel()[voxels]
-    z, y, x = np.unravel_index(voxels, hu.shape)
-    voxel_probabilities = calcium_cell_probabilities(logits, grid, z, y, x)
-    votes = np.stack(
-        [np.bincount(component_of_voxel, weights=voxel_probabilities[:, c], minlength=n_candidates + 1)
-         for c in range(N_CLASSES)],
-        axis=1,
-    )
+    votes = candidates.votes
     # First coronary or not (the vessels' probabilities summed), then which vessel:
     # a candidate split between two arteries is still coronary. On generated
     # validation scans this beat a plain 5-way argmax (93 % vs 92 % risk-category
     # agreement; docs/evaluation.md).
-    coronary_votes = votes[:, 1:].sum(axis=1)
-    coronary = coronary_votes >= votes[:, 0]
+    coronary = votes[:, 1:].sum(axis=1) >= votes[:, 0]
     vessel = (votes[:, 1:].argmax(axis=1) + 1).astype(np.uint8)
+    share = candidates.coronary_share
+    if review is not None:
+        chosen, features = review_features(hu, candidates, share, pixel_area_mm2, review.min_share,
+                                           review.max_area_mm2, threshold_hu)
+        share = share.copy()
+        share[chosen] = review.probability(features)
+        coronary = share >= 0.5
     component_class = np.where(coronary, vessel, 0).astype(np.uint8)
     component_class[0] = 0
-    share = coronary_votes / np.maximum(votes.sum(axis=1), 1e-12)
-    if review is not None:
-        share = reviewed_share(hu, components, component_of_voxel, share, review, pixel_area_mm2, threshold_hu)
-        coronary = share >= 0.5
-        component_class = np.where(coronary, vessel, 0).astype(np.uint8)
-        component_class[0] = 0
     ambiguous = (share >= ambiguous_share[0]) & (share < ambiguous_share[1])
     ambiguous[0] = False
     flipped_class = np.where(ambiguous, np.where(coronary, 0, vessel), component_class).astype(np.uint8)
-    labels[z, y, x] = component_class[component_of_voxel]
+    z, y, x = candidates.voxels
+    labels[z, y, x] = component_class[candidates.of_voxel]
     flipped = np.zeros_like(labels)
-    flipped[z, y, x] = flipped_class[component_of_voxel]
-    return labels, flipped, n_candidates, int((component_class[1:] > 0).sum()), int(ambiguous.sum())
+    flipped[z, y, x] = flipped_class[candidates.of_voxel]
+    return labels, flipped, candidates.count, int((component_class[1:] > 0).sum()), int(ambiguous.sum())
 
 
-def reviewed_share(hu, components, component_of_voxel, share, review: CandidateReview, pixel_area_mm2: float,
-                   threshold_hu: float) -> np.ndarray:
-    """``share`` with the review's probability in place for the candidates it decides."""
-    area_mm2 = np.bincount(component_of_voxel, minlength=len(share)) * pixel_area_mm2
-    chosen = np.flatnonzero(review.reviewed(share, area_mm2))
+def review_features(hu: np.ndarray, candidates: CandidateVotes, share: np.ndarray, pixel_area_mm2: float,
+                    min_share: float, max_area_mm2: float, threshold_hu: float):
+    """(component numbers, their features) of the candidates a review with these bounds
+    decides (``cacflow.candidate_review``). The scan's noise is measured only when
+    there is one."""
+    area_mm2 = np.bincount(candidates.of_voxel, minlength=candidates.count + 1) * pixel_area_mm2
+    chosen = np.flatnonzero(candidates_to_review(share, area_mm2, min_share, max_area_mm2))
     if len(chosen) == 0:
-        return share
-    features = candidate_features(hu, components, chosen, share, pixel_area_mm2, scan_noise_hu(hu), threshold_hu)
-    decided = share.copy()
-    decided[chosen] = review.probability(features)
-    return decided
+        return chosen, np.zeros((0, len(FEATURES)))
+    return chosen, candidate_features(hu, candidates.components, chosen, share, pixel_area_mm2,
+                                      scan_noise_hu(hu), threshold_hu)
 
 
 def calcium_cell_probabilities(logits: np.ndarray, grid, z, y, x) -> np.ndarray:

@@ -18,10 +18,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from cacflow.atomic import atomic_write_text
-from cacflow.candidate_review import CandidateReview, candidate_features, fit_logistic, scan_noise_hu
+from cacflow.candidate_review import CandidateReview, fit_logistic
 
 log = logging.getLogger("cacflow.review_training")
 
@@ -29,7 +28,7 @@ REVIEW_SEED = 61_000_001  # streams REVIEW_SEED (with specks) and REVIEW_SEED + 
 REVIEW_PHANTOMS = (160, 100)  # with specks, without
 
 
-def review_phantoms(seed: int = REVIEW_SEED, counts: tuple[int, int] = REVIEW_PHANTOMS):
+def phantoms_for_review(seed: int = REVIEW_SEED, counts: tuple[int, int] = REVIEW_PHANTOMS):
     """The review's phantoms, in order: ``counts[0]`` from stream ``seed`` with specks,
     then ``counts[1]`` from stream ``seed + 1`` without."""
     from cacflow.training import training_phantom
@@ -41,30 +40,18 @@ def review_phantoms(seed: int = REVIEW_SEED, counts: tuple[int, int] = REVIEW_PH
 
 def review_candidates(segmenter, phantom, min_share: float, max_area_mm2: float):
     """(features, coronary truth) of the candidates a review with these bounds decides."""
-    from cacflow.inference import IN_PLANE_8_CONNECTED, calcium_cell_probabilities, engine_logits
-    from cacflow.model.network import N_CLASSES
+    from cacflow.inference import candidate_votes, engine_logits, review_features
     from cacflow.model.preprocessing import network_inputs
 
-    hu = phantom.hu
-    threshold = segmenter.threshold_hu
+    hu, threshold = phantom.hu, segmenter.threshold_hu
     inputs, grid = network_inputs(hu, phantom.spacing_mm, threshold)
-    logits = engine_logits(segmenter.engine, inputs, segmenter.batch_slices)
-    calcium = hu >= threshold
-    components, n = ndimage.label(calcium, structure=IN_PLANE_8_CONNECTED)
-    if n == 0:
-        return np.zeros((0, 7)), np.zeros(0, dtype=bool)
-    z, y, x = np.nonzero(calcium)
-    of_voxel = components[z, y, x]
-    probabilities = calcium_cell_probabilities(logits, grid, z, y, x)
-    votes = np.stack([np.bincount(of_voxel, weights=probabilities[:, c], minlength=n + 1)
-                      for c in range(N_CLASSES)], axis=1)
-    share = votes[:, 1:].sum(axis=1) / np.maximum(votes.sum(axis=1), 1e-12)
+    candidates = candidate_votes(hu, engine_logits(segmenter.engine, inputs, segmenter.batch_slices), grid, threshold)
     pixel_area = phantom.spacing_mm[1] * phantom.spacing_mm[2]
-    area = np.bincount(of_voxel, minlength=n + 1) * pixel_area
-    bounds = CandidateReview(0.0, (), (), (), min_share, max_area_mm2)
-    chosen = np.flatnonzero(bounds.reviewed(share, area))
-    coronary = np.bincount(of_voxel, weights=phantom.coronary_labels[z, y, x] > 0, minlength=n + 1) > 0
-    features = candidate_features(hu, components, chosen, share, pixel_area, scan_noise_hu(hu), threshold)
+    chosen, features = review_features(hu, candidates, candidates.coronary_share, pixel_area, min_share,
+                                       max_area_mm2, threshold)
+    z, y, x = candidates.voxels
+    coronary = np.bincount(candidates.of_voxel, weights=phantom.coronary_labels[z, y, x] > 0,
+                           minlength=candidates.count + 1) > 0
     return features, coronary[chosen]
 
 
@@ -80,7 +67,7 @@ def fit_candidate_review(model_dir: str | Path, seed: int = REVIEW_SEED, counts:
     model_dir = Path(model_dir)
     segmenter = CalciumSegmenter(create_engine("onnxruntime", ModelFiles(model_dir), threads=workers))
     features, truth, phantom_of = [], [], []
-    for number, phantom in enumerate(review_phantoms(seed, counts)):
+    for number, phantom in enumerate(phantoms_for_review(seed, counts)):
         f, t = review_candidates(segmenter, phantom, min_share, max_area_mm2)
         features.append(f)
         truth.append(t)
