@@ -14,6 +14,9 @@
   breast arteries: ``cacflow.synth.phantom.UNFAMILIAR_CALCIUM_KINDS``) beside the
   usual distractors, seed 41000001: the share scored 0, and which kinds the model
   called coronary. How a simulator-trained model meets calcium it has not learnt.
+  ``--noncoronary-seed`` / ``--unfamiliar-seed`` draw these two from other seeds: a
+  candidate designed after seeing a set's failures is judged on fresh ones
+  (32000001 and 42000001 for the sixth candidate, docs/evaluation.md).
 * specks (only when asked for, e.g. --specks 40): phantoms with no planned coronary
   lesions but 1-3 faint, tiny coronary plaques each (``PhantomSettings.speck_lesions``;
   about 40 % of them score 0, so some scans are negatives), seed 23000001: sensitivity
@@ -77,6 +80,11 @@ def main() -> None:
     parser.add_argument("--outside", type=int, default=40,
                         help="phantoms per acquisition check (440-500 mm non-gated fields of view, 80 kVp, "
                              "140 kVp, gated 0.50-0.60 mm pixels) and per control (0: skip)")
+    parser.add_argument("--noncoronary-seed", type=int, default=31_000_001,
+                        help="seed of the non-coronary check (default 31000001; a fresh one for a candidate "
+                             "designed after that set's results, docs/evaluation.md)")
+    parser.add_argument("--unfamiliar-seed", type=int, default=41_000_001,
+                        help="seed of the unfamiliar check (default 41000001; likewise)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--scans", action="store_true", help="print the per-scan rows too")
     parser.add_argument("--engine", choices=("onnxruntime", "onnxruntime-fp32"), default="onnxruntime",
@@ -88,9 +96,9 @@ def main() -> None:
     checks = [
         ("validation", args.validation, lambda n: holdout_check(folder, n, 55_000_001, workers, engine=engine)),
         ("holdout", args.holdout, lambda n: holdout_check(folder, n, 99_000_001, workers, engine=engine)),
-        ("noncoronary", args.noncoronary, lambda n: noncoronary_check(folder, n, 31_000_001, workers, engine=engine)),
+        ("noncoronary", args.noncoronary, lambda n: noncoronary_check(folder, n, args.noncoronary_seed, workers, engine=engine)),
         ("unfamiliar", args.unfamiliar,
-         lambda n: unfamiliar_calcium_check(folder, n, 41_000_001, workers, engine=engine)),
+         lambda n: unfamiliar_calcium_check(folder, n, args.unfamiliar_seed, workers, engine=engine)),
         ("specks", args.specks,
          lambda n: holdout_check(folder, n, 23_000_001, workers, change="specks", engine=engine)),
         ("thin", args.thin, lambda n: holdout_check(folder, n, 12_500_001, workers, change="thin", engine=engine)),
