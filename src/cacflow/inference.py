@@ -15,6 +15,7 @@ disagreed with all of them (``cacflow.pipeline``: the scans table's Agatston ran
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,9 @@ from cacflow.candidate_review import FEATURES, CandidateReview, candidate_featur
 from cacflow.model.engines import Engine
 from cacflow.model.network import N_CLASSES
 from cacflow.model.preprocessing import network_inputs
+
+if TYPE_CHECKING:  # torch loads only when a model has a patch review
+    from cacflow.patch_review import PatchReview
 
 # 8-connectivity inside a slice, no connection across slices (Agatston lesions are 2-D).
 IN_PLANE_8_CONNECTED = np.zeros((3, 3, 3), dtype=bool)
@@ -56,7 +60,7 @@ class CalciumSegmenter:
     """Holds one engine; call ``segment`` for each scan."""
 
     def __init__(self, engine: Engine, threshold_hu: float = 130.0, batch_slices: int = BATCH_SLICES,
-                 review: CandidateReview | None = None):
+                 review: CandidateReview | PatchReview | None = None):
         self.engine = engine
         self.threshold_hu = threshold_hu
         self.batch_slices = batch_slices
@@ -69,7 +73,8 @@ class CalciumSegmenter:
         logits = engine_logits(self.engine, inputs, self.batch_slices)
         t2 = time.perf_counter()
         labels, flipped, n_candidates, n_coronary, n_ambiguous = assign_candidates(
-            hu, logits, grid, self.threshold_hu, review=self.review, pixel_area_mm2=spacing_mm[1] * spacing_mm[2])
+            hu, logits, grid, self.threshold_hu, review=self.review, pixel_area_mm2=spacing_mm[1] * spacing_mm[2],
+            spacing_mm=spacing_mm)
         t3 = time.perf_counter()
         return Segmentation(labels, flipped, n_candidates, n_coronary, n_ambiguous, t1 - t0, t2 - t1, t3 - t2)
 
@@ -119,11 +124,13 @@ def candidate_votes(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: floa
 
 def assign_candidates(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: float,
                       ambiguous_share: tuple[float, float] = AMBIGUOUS_CORONARY_SHARE,
-                      review: CandidateReview | None = None, pixel_area_mm2: float | None = None):
+                      review: CandidateReview | PatchReview | None = None, pixel_area_mm2: float | None = None,
+                      spacing_mm: tuple[float, float, float] | None = None):
     """Label each calcium candidate with its most probable class (summed over voxels),
     from the engine's logits ``[z, N_CLASSES, padded_height, padded_width]``. With a
-    ``review`` (needs ``pixel_area_mm2``), the small candidates it covers are coronary
-    when its probability is at least 0.5, in place of the network's share.
+    ``review`` (needs ``pixel_area_mm2``; a ``PatchReview`` also ``spacing_mm``), the
+    small candidates it covers are coronary when its probability is at least 0.5, in
+    place of the network's share.
 
     Returns (labels, flipped_labels, n_candidates, n_coronary, n_ambiguous)."""
     candidates = candidate_votes(hu, logits, grid, threshold_hu)
@@ -138,7 +145,13 @@ def assign_candidates(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: fl
     coronary = votes[:, 1:].sum(axis=1) >= votes[:, 0]
     vessel = (votes[:, 1:].argmax(axis=1) + 1).astype(np.uint8)
     share = candidates.coronary_share
-    if review is not None:
+    if hasattr(review, "decide"):  # a PatchReview looks at the scan itself
+        area_mm2 = np.bincount(candidates.of_voxel, minlength=candidates.count + 1) * pixel_area_mm2
+        chosen, probability = review.decide(hu, candidates, share, area_mm2, logits, grid, spacing_mm, threshold_hu)
+        share = share.copy()
+        share[chosen] = probability
+        coronary = share >= 0.5
+    elif review is not None:
         chosen, features = review_features(hu, candidates, share, pixel_area_mm2, review.min_share,
                                            review.max_area_mm2, threshold_hu)
         share = share.copy()

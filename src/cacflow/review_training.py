@@ -90,3 +90,174 @@ def fit_candidate_review(model_dir: str | Path, seed: int = REVIEW_SEED, counts:
     }
     atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
     return review
+
+
+# The patch review's phantoms (cacflow.patch_review): three training streams no check or
+# cohort uses, with faint specks, plain, and with scattered and perivascular blobs.
+PATCH_REVIEW_STREAMS = (
+    (61_000_001, {"speck_lesions": True}),
+    (61_000_002, {}),
+    (61_000_003, {"scattered_calcium": True, "perivascular_calcium": True}),
+)
+PATCH_REVIEW_PHANTOMS = (240, 120, 160)
+PATCH_TRAINING_PIXELS = 72  # patches cut larger, for random shifts of up to 4 pixels
+PATCH_FIT_SEED = 7001
+# The patch review is fitted on every small candidate with at least this coronary share;
+# its ``min_share`` (which ones it decides) may be higher (the eighth candidate: 0.1).
+PATCH_FIT_MIN_SHARE = 0.01
+
+_patch_segmenter = None  # one engine per extraction worker
+
+
+def _extract_patch_phantom(job) -> int:
+    """Save the patches, scalars and truth of one phantom's reviewed candidates
+    (``{out}/{stream}_{index}.npz``, written atomically so an interrupted run resumes)."""
+    global _patch_segmenter
+    model_dir, out_dir, stream, options, index, max_area_mm2 = job
+    out = Path(out_dir) / f"{stream}_{index:04d}.npz"
+    if out.exists():
+        return int(len(np.load(out)["coronary"]))
+    from cacflow.candidate_review import candidates_to_review, scan_noise_hu
+    from cacflow.inference import CalciumSegmenter, candidate_votes, engine_logits
+    from cacflow.model.engines import ModelFiles, create_engine
+    from cacflow.model.preprocessing import network_inputs
+    from cacflow.patch_review import candidate_patches, candidate_scalars
+    from cacflow.training import training_phantom
+
+    if _patch_segmenter is None:
+        _patch_segmenter = CalciumSegmenter(create_engine("onnxruntime", ModelFiles(Path(model_dir)), threads=1))
+    phantom = training_phantom(stream, index, **options)
+    hu, spacing = phantom.hu, phantom.spacing_mm
+    inputs, grid = network_inputs(hu, spacing, _patch_segmenter.threshold_hu)
+    logits = engine_logits(_patch_segmenter.engine, inputs, _patch_segmenter.batch_slices)
+    candidates = candidate_votes(hu, logits, grid, _patch_segmenter.threshold_hu)
+    share = candidates.coronary_share
+    area_mm2 = np.bincount(candidates.of_voxel, minlength=candidates.count + 1) * spacing[1] * spacing[2]
+    chosen = np.flatnonzero(candidates_to_review(share, area_mm2, PATCH_FIT_MIN_SHARE, max_area_mm2))
+    z, y, x = candidates.voxels
+    coronary = np.bincount(candidates.of_voxel, weights=phantom.coronary_labels[z, y, x] > 0,
+                           minlength=candidates.count + 1) > 0
+    noise = scan_noise_hu(hu)
+    patches = candidate_patches(hu, candidates.components, chosen, logits, grid, spacing, noise,
+                                _patch_segmenter.threshold_hu, pixels=PATCH_TRAINING_PIXELS)
+    partial = out.with_name(out.stem + ".partial.npz")
+    np.savez(partial, patches=patches.astype(np.float16), scalars=candidate_scalars(share[chosen], area_mm2[chosen], noise),
+             coronary=coronary[chosen], share=share[chosen])
+    partial.replace(out)
+    return len(chosen)
+
+
+def _shifted_and_flipped(patches: np.ndarray, rng: np.random.Generator, pixels: int) -> np.ndarray:
+    margin = patches.shape[-1] - pixels
+    out = np.empty(patches.shape[:2] + (pixels, pixels), dtype=np.float32)
+    for i, patch in enumerate(patches):
+        dy, dx = rng.integers(0, margin + 1, 2)
+        patch = patch[:, dy : dy + pixels, dx : dx + pixels]
+        if rng.random() < 0.5:
+            patch = patch[:, :, ::-1]
+        if rng.random() < 0.5:
+            patch = patch[:, ::-1, :]
+        out[i] = patch
+    return out
+
+
+def fit_patch_network(patches: np.ndarray, scalars: np.ndarray, coronary: np.ndarray, phantom_of: np.ndarray,
+                      epochs: int = 30, batch: int = 64, learning_rate: float = 2e-3, seed: int = PATCH_FIT_SEED):
+    """Fit a PatchNet (binary cross-entropy, AdamW, one-cycle schedule, random shifts and
+    flips); every seventh phantom is held out and the epoch with the lowest loss on
+    them is kept. Returns (network, record of the fit)."""
+    import torch
+
+    from cacflow.patch_review import PATCH_PIXELS, PatchNet
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    held_out = (phantom_of % 7) == 3
+    train, check = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    margin = (patches.shape[-1] - PATCH_PIXELS) // 2
+    check_patches = torch.from_numpy(np.ascontiguousarray(
+        patches[check][:, :, margin : margin + PATCH_PIXELS, margin : margin + PATCH_PIXELS], dtype=np.float32))
+    check_scalars, check_truth = torch.from_numpy(scalars[check]), torch.from_numpy(coronary[check].astype(np.float32))
+    network = PatchNet()
+    steps_per_epoch = max(len(train) // batch, 1)
+    optimiser = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=1e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=learning_rate, total_steps=epochs * steps_per_epoch)
+    loss_of = torch.nn.BCEWithLogitsLoss()
+    best = {"held_out_loss": float("inf")}
+    for epoch in range(epochs):
+        network.train()
+        order = rng.permutation(train)
+        for step in range(steps_per_epoch):
+            rows = order[step * batch : (step + 1) * batch]
+            inputs = torch.from_numpy(_shifted_and_flipped(patches[rows], rng, PATCH_PIXELS))
+            loss = loss_of(network(inputs, torch.from_numpy(scalars[rows])), torch.from_numpy(coronary[rows].astype(np.float32)))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+        if len(check) == 0:
+            best = {"epoch": epoch, "state": network.state_dict()}
+            continue
+        network.eval()
+        with torch.no_grad():
+            check_logits = network(check_patches, check_scalars)
+        held_out_loss = float(loss_of(check_logits, check_truth))
+        called = (check_logits > 0).numpy()
+        log.info("patch review epoch %d: held-out loss %.4f, coronary found %d/%d, false %d/%d", epoch, held_out_loss,
+                 int((called & coronary[check]).sum()), int(coronary[check].sum()),
+                 int((called & ~coronary[check]).sum()), int((~coronary[check]).sum()))
+        if held_out_loss < best["held_out_loss"]:
+            best = {"held_out_loss": held_out_loss, "epoch": epoch,
+                    "state": {k: v.clone() for k, v in network.state_dict().items()},
+                    "held_out_found": int((called & coronary[check]).sum()),
+                    "held_out_false": int((called & ~coronary[check]).sum())}
+    network.load_state_dict(best.pop("state"))
+    record = {"epochs": epochs, "batch": batch, "learning_rate": learning_rate, "seed": seed,
+              "held_out_candidates": int(len(check)), "held_out_coronary": int(coronary[check].sum()), **best}
+    return network, record
+
+
+def fit_patch_review(model_dir: str | Path, work_dir: str | Path, counts: tuple[int, ...] = PATCH_REVIEW_PHANTOMS,
+                     workers: int = 2, min_share: float = 0.01, max_area_mm2: float = 5.0, epochs: int = 30):
+    """Fit the patch review for the model in ``model_dir`` and store it beside it
+    (``patch_review.pt``, model.json ``patch_review``). Patches are cut into
+    ``work_dir`` one phantom at a time (resumable), by the model's int8 engine, from
+    ``counts`` phantoms of the ``PATCH_REVIEW_STREAMS``. It is fitted on candidates with
+    a share of at least ``PATCH_FIT_MIN_SHARE`` and decides those with ``min_share``."""
+    from multiprocessing import get_context
+
+    import torch
+
+    from cacflow.patch_review import PatchReview
+
+    model_dir, work_dir = Path(model_dir), Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if min_share < PATCH_FIT_MIN_SHARE:
+        raise ValueError(f"the patch review is fitted on shares of at least {PATCH_FIT_MIN_SHARE}; min_share {min_share} "
+                         f"would let it decide candidates it never saw")
+    jobs = [(str(model_dir), str(work_dir), stream, options, index, max_area_mm2)
+            for (stream, options), n in zip(PATCH_REVIEW_STREAMS, counts) for index in range(n)]
+    with get_context("spawn").Pool(workers) as pool:
+        for done, n in enumerate(pool.imap(_extract_patch_phantom, jobs), 1):
+            if done % 20 == 0 or done == len(jobs):
+                log.info("patch review: %d/%d phantoms cut", done, len(jobs))
+    tables = [np.load(work_dir / f"{stream}_{index:04d}.npz") for _, _, stream, _, index, _ in jobs]
+    phantom_of = np.concatenate([np.full(len(t["coronary"]), number) for number, t in enumerate(tables)])
+    patches, scalars, coronary = (np.concatenate([t[key] for t in tables]) for key in ("patches", "scalars", "coronary"))
+    if coronary.all() or not coronary.any():
+        raise ValueError(f"the patch review needs coronary and other small candidates to learn from; "
+                         f"{len(jobs)} phantoms gave {int(coronary.sum())} and {int((~coronary).sum())}: fit it on more")
+    network, fit = fit_patch_network(patches, scalars, coronary.astype(bool), phantom_of, epochs=epochs)
+    atomic_torch_save = work_dir / "patch_review.pt.partial"
+    torch.save(network.state_dict(), atomic_torch_save)
+    atomic_torch_save.replace(model_dir / "patch_review.pt")
+    info_path = model_dir / "model.json"
+    info = json.loads(info_path.read_text())
+    info["patch_review"] = {
+        "weights": "patch_review.pt", "min_share": min_share, "max_area_mm2": max_area_mm2,
+        "fitted_on": {"streams": [{"seed": s, **o, "phantoms": n} for (s, o), n in zip(PATCH_REVIEW_STREAMS, counts)],
+                      "fit_min_share": PATCH_FIT_MIN_SHARE, "candidates": int(len(coronary)),
+                      "coronary_candidates": int(coronary.sum()), **fit},
+    }
+    atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
+    return PatchReview(network, min_share, max_area_mm2)

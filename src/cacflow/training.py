@@ -113,6 +113,11 @@ class TrainingConfig:
     # (cacflow.review_training; the shipped model's: REVIEW_PHANTOMS); (0, 0) fits
     # none, and the network then decides alone. A COCA fine-tune fits none either.
     review_phantoms: tuple[int, int] = (0, 0)
+    # Phantoms (with specks, plain, with blobs) the patch review is fitted on after
+    # training (cacflow.patch_review; tried: review_training.PATCH_REVIEW_PHANTOMS);
+    # (0, 0, 0) fits none. It decides candidates with a share of patch_review_min_share up.
+    patch_review_phantoms: tuple[int, int, int] = (0, 0, 0)
+    patch_review_min_share: float = 0.01
     # Then tune what the members trained into on phantoms with scattered blobs (and,
     # if the tune says so, perivascular ones; SHIPPED_NEGATIVES_TUNE is the shipped
     # model's); None: stop after the members (CalciumNet 0.3.0's recipe).
@@ -455,12 +460,19 @@ class CropSampler:
 
 def train(config: TrainingConfig) -> dict:
     """Train (or resume) the model ``config`` describes and export it to model_dir,
-    then fit its candidate review (``config.review_phantoms``)."""
+    then fit its candidate review (``config.review_phantoms``) or patch review
+    (``config.patch_review_phantoms``)."""
     info = _train_and_export(config)
     if sum(config.review_phantoms) and not config.coca_root:
         from cacflow.review_training import fit_candidate_review
 
         fit_candidate_review(config.model_dir, counts=tuple(config.review_phantoms), workers=config.workers)
+        info = json.loads((Path(config.model_dir) / "model.json").read_text())
+    if sum(config.patch_review_phantoms) and not config.coca_root:
+        from cacflow.review_training import fit_patch_review
+
+        fit_patch_review(config.model_dir, Path(config.work_dir) / "patch_review", counts=tuple(config.patch_review_phantoms),
+                         workers=config.workers, min_share=config.patch_review_min_share)
         info = json.loads((Path(config.model_dir) / "model.json").read_text())
     return info
 
@@ -663,7 +675,8 @@ def training_record(config: TrainingConfig, ensemble: bool) -> dict:
     has a record of its own (an ensemble's ``n_volumes``/``steps`` are its members')."""
     return {k: v for k, v in asdict(config).items()
             if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device", "dataset_dir",
-                         "int8_calibration_phantoms", "negatives_tune", "review_phantoms")
+                         "int8_calibration_phantoms", "negatives_tune", "review_phantoms",
+                         "patch_review_phantoms", "patch_review_min_share")
             and not (ensemble and k in ("n_volumes", "steps"))
             and not (k in _RECORDED_WHEN_USED and not v)}
 

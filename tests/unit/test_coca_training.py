@@ -126,6 +126,12 @@ def test_snakemake_train_fine_tunes_when_the_config_names_a_coca_root(tmp_path):
                                   cwd=tmp_path)
     assert members_only.returncode == 0, members_only.stderr[-2000:]
     assert "--members 400:20000,800:30000 --negatives-tune none --review-phantoms 160:100 --device auto" in members_only.stdout
+    one_stage.write_text("training:\n  patch_review_phantoms: [240, 120, 160]\n  patch_review_min_share: 0.1\n")
+    patched = subprocess.run([*command, "--configfile", str(one_stage)], capture_output=True, text=True, env=env,
+                             cwd=tmp_path)
+    assert patched.returncode == 0, patched.stderr[-2000:]
+    assert ("--review-phantoms 0:0 --patch-review-phantoms 240:120:160 --patch-review-min-share 0.1 "
+            "--device auto") in patched.stdout
     two_stage = tmp_path / "two_stage.yaml"
     # A mapping of one's own replaces the default whole: no perivascular blobs unless it says so.
     two_stage.write_text("training:\n  negatives_tune: {volumes: 800, steps: 9000, learning_rate: 0.0005}\n")

@@ -114,4 +114,8 @@ def training_arguments():
                 f"{tune['learning_rate']}" + (" --negatives-tune-perivascular" if tune.get("perivascular_calcium") else "")
                 + (" --negatives-tune-specks" if tune.get("speck_lesions") else ""))
     review = "--review-phantoms {}:{}".format(*training.get("review_phantoms", [0, 0]))
+    patch_counts = training.get("patch_review_phantoms", [0, 0, 0])
+    if sum(patch_counts):  # named only when asked for: the usual command line stays as it was
+        review += " --patch-review-phantoms {}:{}:{} --patch-review-min-share {}".format(
+            *patch_counts, training.get("patch_review_min_share", 0.01))
     return f"--work-dir results/training {f'--members {members} ' if members else ''}{tune} {review} {device}"

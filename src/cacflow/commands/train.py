@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cacflow.model.quantization import CALIBRATION_PHANTOMS
-from cacflow.review_training import REVIEW_PHANTOMS
+from cacflow.review_training import PATCH_REVIEW_PHANTOMS, REVIEW_PHANTOMS
 from cacflow.training import ACQUISITION_RECIPES, SHIPPED_NEGATIVES_TUNE, TRAINING_DEVICES, NegativesTune
 
 NAME = "train"
@@ -74,6 +74,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "specks and without (default 0:0, the shipped model's recipe: none, the network decides "
                              "alone; tried and not adopted: %d:%d, docs/evaluation.md; never after a COCA "
                              "fine-tune)" % REVIEW_PHANTOMS)
+    parser.add_argument("--patch-review-phantoms", type=_patch_review_phantoms, default=(0, 0, 0),
+                        metavar="SPECKS:PLAIN:BLOBS",
+                        help="then fit a small network that looks again at small candidates at 0.6 mm pixels "
+                             "(cacflow.patch_review) on this many phantoms with faint specks, plain and with "
+                             "calcified blobs (default 0:0:0: none; tried and not adopted: %d:%d:%d, "
+                             "docs/evaluation.md; never after a COCA fine-tune)" % PATCH_REVIEW_PHANTOMS)
+    parser.add_argument("--patch-review-min-share", type=float, default=0.01,
+                        help="the patch review decides candidates with at least this coronary share from the "
+                             "network (default 0.01; the eighth candidate: 0.1)")
 
 
 def _integer_from(minimum: int, expected: str):
@@ -112,6 +121,17 @@ def _review_phantoms(text: str) -> tuple[int, int]:
         counts = ()
     if len(counts) != 2 or min(counts) < 0:
         raise argparse.ArgumentTypeError(f"expected WITH_SPECKS:WITHOUT, two counts of phantoms, e.g. 160:100; got {text!r}")
+    return counts
+
+
+def _patch_review_phantoms(text: str) -> tuple[int, int, int]:
+    try:
+        counts = tuple(int(n) for n in text.split(":"))
+    except ValueError:
+        counts = ()
+    if len(counts) != 3 or min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"expected SPECKS:PLAIN:BLOBS, three counts of phantoms, e.g. 240:120:160; "
+                                         f"got {text!r}")
     return counts
 
 
@@ -154,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
         perivascular_calcium=args.perivascular_calcium, speck_lesions=args.speck_lesions,
         int8_calibration_phantoms=args.int8_calibration_phantoms,
         review_phantoms=(0, 0) if args.coca_root else args.review_phantoms,
+        patch_review_phantoms=(0, 0, 0) if args.coca_root else args.patch_review_phantoms,
+        patch_review_min_share=args.patch_review_min_share,
     )
     tune = args.negatives_tune  # None: not given
     modifiers = (args.negatives_tune_perivascular or args.negatives_tune_specks

@@ -118,10 +118,20 @@ class ModelFiles:
 
     @property
     def candidate_review(self):
-        """The model's second look at small candidates (``cacflow.candidate_review``),
-        or None for a model fitted without one: the network then decides alone."""
+        """The model's second look at small candidates: a patch review
+        (``cacflow.patch_review``), a logistic one (``cacflow.candidate_review``), or
+        None for a model fitted without one: the network then decides alone."""
         from cacflow.candidate_review import CandidateReview
 
+        if "patch_review" in self.info:
+            import torch
+
+            from cacflow.patch_review import PatchNet, PatchReview
+
+            record = self.info["patch_review"]
+            network = PatchNet()
+            network.load_state_dict(torch.load(self.directory / record["weights"], map_location="cpu"))
+            return PatchReview(network, float(record["min_share"]), float(record["max_area_mm2"]))
         record = self.info.get("candidate_review")
         return CandidateReview.from_dict(record) if record else None
 

@@ -1,0 +1,146 @@
+"""A second look at small calcium candidates through a small network that sees each
+one at fine pixels, with its surroundings and the coarse network's sense of place.
+
+The coarse network (``cacflow.model.network``) decides on a 1.5 mm grid, where a
+1-5 mm^2 speck on an artery and noise lifted over 130 HU look alike. The logistic
+review (``cacflow.candidate_review``) told them apart from full-resolution numbers,
+but it could not see where a candidate lies, and called small calcification of
+kinds the training never shows coronary (docs/evaluation.md). This review sees a
+38 mm square around the candidate at 0.6 mm pixels: the slice and its neighbours,
+the candidate itself, its height above 130 HU in units of the scan's noise, and the
+coarse network's coronary probability over the same square.
+
+It decides, in place of the coarse network's share, for candidates smaller than
+``max_area_mm2`` whose share is at least ``min_share``. It is fitted on generated
+scans with the network it serves (``cacflow.review_training.fit_patch_review``) and
+stored beside it (``patch_review.pt``, model.json ``patch_review``); a model without
+one keeps the network's decisions.
+
+Tried and not adopted (docs/evaluation.md, "A second look with fine pixels and a
+sense of place"): it found more specks with fewer false positives than the network,
+and called some calcified breast arteries and hilar nodes coronary. The shipped model
+has none; this stays for reproducing that and as the base of the next attempt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+PATCH_PIXELS = 64
+PATCH_SPACING_MM = 0.6
+N_PATCH_CHANNELS = 8
+N_SCALARS = 3  # share logit, log area (mm^2), log noise (HU)
+_SHARE_CLIP = 1e-4
+
+
+def coronary_probability_slice(logits_slice: np.ndarray) -> np.ndarray:
+    """1 - P(not coronary) on the coarse grid of one slice (``[N_CLASSES, H, W]``)."""
+    shifted = logits_slice - logits_slice.max(axis=0, keepdims=True)
+    exp = np.exp(shifted)
+    return 1.0 - exp[0] / exp.sum(axis=0)
+
+
+def candidate_patches(hu: np.ndarray, components: np.ndarray, candidates: np.ndarray, logits: np.ndarray, grid,
+                      spacing_mm, noise_hu: float, threshold_hu: float = 130.0, pixels: int = PATCH_PIXELS):
+    """``[len(candidates), N_PATCH_CHANNELS, pixels, pixels]`` float32 patches centred
+    on each in-slice component of ``candidates`` (numbers in ``components``)."""
+    out = np.zeros((len(candidates), N_PATCH_CHANNELS, pixels, pixels), dtype=np.float32)
+    if len(candidates) == 0:
+        return out
+    boxes = ndimage.find_objects(components)
+    offsets = (np.arange(pixels) - (pixels - 1) / 2.0) * PATCH_SPACING_MM
+    n_rows, n_cols = hu.shape[1], hu.shape[2]
+    probability_of_slice = {}
+    for row, k in enumerate(candidates):
+        z_slice, y_slice, x_slice = boxes[k - 1]
+        z = z_slice.start
+        inside = components[z, y_slice, x_slice] == k
+        ys, xs = np.nonzero(inside)
+        cy, cx = ys.mean() + y_slice.start, xs.mean() + x_slice.start
+        rows = cy + offsets / spacing_mm[1]
+        cols = cx + offsets / spacing_mm[2]
+        rr, cc = np.meshgrid(rows, cols, indexing="ij")
+        coordinates = np.stack([rr.ravel(), cc.ravel()])
+        nearest_r = np.clip(np.rint(rr), 0, n_rows - 1).astype(np.int64)
+        nearest_c = np.clip(np.rint(cc), 0, n_cols - 1).astype(np.int64)
+        for channel, dz in enumerate((-1, 0, 1)):
+            zz = min(max(z + dz, 0), hu.shape[0] - 1)
+            values = ndimage.map_coordinates(hu[zz], coordinates, order=1, mode="nearest").reshape(pixels, pixels)
+            out[row, channel] = (np.clip(values, -200.0, 300.0) - 50.0) / 250.0
+            if dz == 0:
+                out[row, 3] = np.clip(values, -1000.0, 1000.0) / 1000.0
+        excess = (hu[z][nearest_r, nearest_c].astype(np.float32) - threshold_hu) / noise_hu
+        out[row, 4] = np.clip(excess, -5.0, 20.0) / 10.0
+        out[row, 5] = components[z][nearest_r, nearest_c] == k
+        if z not in probability_of_slice:
+            probability_of_slice[z] = coronary_probability_slice(logits[z])
+        out[row, 6] = probability_of_slice[z][grid.row_index[nearest_r], grid.col_index[nearest_c]]
+        out[row, 7] = np.log(noise_hu) / 4.0
+    return out
+
+
+def candidate_scalars(share: np.ndarray, area_mm2: np.ndarray, noise_hu: float) -> np.ndarray:
+    s = np.clip(share, _SHARE_CLIP, 1 - _SHARE_CLIP)
+    return np.column_stack([np.log(s / (1 - s)) / 5.0, np.log(area_mm2),
+                            np.full(len(s), np.log(noise_hu))]).astype(np.float32)
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+                         nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class PatchNet(nn.Module):
+    """Three conv levels (16-32-64) with poolings, global average and max pooling, and
+    a small head that also sees the candidate's scalars: one logit, coronary or not."""
+
+    def __init__(self, widths=(16, 32, 64)):
+        super().__init__()
+        layers, c_prev = [], N_PATCH_CHANNELS
+        for level, width in enumerate(widths):
+            if level:
+                layers.append(nn.MaxPool2d(2))
+            layers.append(_block(c_prev, width))
+            c_prev = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Linear(2 * c_prev + N_SCALARS, 64), nn.ReLU(inplace=True), nn.Linear(64, 1))
+
+    def forward(self, patches: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
+        f = self.features(patches)
+        pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3)), scalars], dim=1)
+        return self.head(pooled).squeeze(1)
+
+
+@dataclass
+class PatchReview:
+    network: PatchNet
+    min_share: float = 0.01
+    max_area_mm2: float = 5.0
+
+    def decide(self, hu, candidates, share: np.ndarray, area_mm2: np.ndarray, logits, grid, spacing_mm,
+               threshold_hu: float = 130.0):
+        """(component numbers it decides, their probability of being coronary), for a
+        scan's ``candidates`` (``cacflow.inference.CandidateVotes``)."""
+        chosen = (share >= self.min_share) & (area_mm2 < self.max_area_mm2)
+        chosen[0] = False
+        chosen = np.flatnonzero(chosen)
+        if len(chosen) == 0:
+            return chosen, np.zeros(0)
+        from cacflow.candidate_review import scan_noise_hu
+
+        noise = scan_noise_hu(hu)
+        patches = candidate_patches(hu, candidates.components, chosen, logits, grid, spacing_mm, noise, threshold_hu)
+        return chosen, self.probability(patches, candidate_scalars(share[chosen], area_mm2[chosen], noise))
+
+    def probability(self, patches: np.ndarray, scalars: np.ndarray) -> np.ndarray:
+        if len(patches) == 0:
+            return np.zeros(0)
+        self.network.eval()
+        with torch.no_grad():
+            logits = self.network(torch.from_numpy(patches), torch.from_numpy(scalars))
+        return torch.sigmoid(logits).numpy().astype(float)

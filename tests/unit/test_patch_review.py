@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from cacflow.inference import IN_PLANE_8_CONNECTED, assign_candidates
+from cacflow.model.preprocessing import CoarseGrid
+from cacflow.patch_review import PATCH_PIXELS, PATCH_SPACING_MM, PatchNet, PatchReview, candidate_patches
+
+from test_inference import as_logits, one_hot_probabilities
+
+
+def test_patch_is_centred_on_its_candidate_with_known_channel_values():
+    # 0.3 mm pixels: the patch's 0.6 mm pixels take every second voxel.
+    hu = np.full((3, 200, 200), 40.0, dtype=np.float32)
+    hu[1, 99:101, 99:101] = 230.0  # a 2 x 2 speck centred at (99.5, 99.5)
+    hu[0, 100, 100] = 90.0
+    components, _ = ndimage.label(hu >= 130, structure=IN_PLANE_8_CONNECTED)
+    grid = CoarseGrid.for_shape(200, 200, 0.3, 0.3)  # 40 cells of 1.5 mm
+    # LAD only in coarse cell (20, 20): voxels 100-104 (0.3 mm voxels, 5 to a 1.5 mm cell)
+    probabilities = one_hot_probabilities(grid, 3, {(1, 20, 20): 2})
+    patches = candidate_patches(hu, components, np.array([1]), as_logits(probabilities), grid,
+                                (2.5, 0.3, 0.3), noise_hu=20.0)
+    assert patches.shape == (1, 8, PATCH_PIXELS, PATCH_PIXELS)
+    centre = PATCH_PIXELS // 2  # patch pixel 32 sits 0.3 mm past the centre, on voxel 100
+    assert patches[0, 5, centre, centre] == 1.0 and patches[0, 5].sum() == 1.0  # one sample inside the speck
+    assert patches[0, 4, centre, centre] == pytest.approx((230 - 130) / 20 / 10)
+    assert patches[0, 4, 0, 0] == pytest.approx((40 - 130) / 20 / 10)  # soft tissue, 4.5 noise SD below
+    assert patches[0, 1, 0, 0] == pytest.approx((40 - 50) / 250)
+    # Windows are sampled bilinearly: (100.5, 100.5) averages the speck's corner voxel and three of tissue.
+    assert patches[0, 3, centre, centre] == pytest.approx((230 + 3 * 40) / 4 / 1000)
+    # The coarse map: coronary only over cell (20, 20), 1.5 mm = 2.5 patch pixels wide.
+    assert patches[0, 6, centre, centre] == pytest.approx(1.0, abs=1e-4)
+    assert patches[0, 6, 0, 0] == pytest.approx(0.0, abs=1e-4)
+    assert 4 <= (patches[0, 6] > 0.5).sum() <= 9
+    assert patches[0, 7, 0, 0] == pytest.approx(np.log(20.0) / 4)
+    assert PATCH_SPACING_MM == 0.6
+
+
+def _constant_review(logit: float) -> PatchReview:
+    network = PatchNet()
+    with torch.no_grad():
+        for parameter in network.head[-1].parameters():
+            parameter.zero_()
+        network.head[-1].bias.fill_(logit)
+    return PatchReview(network, min_share=0.01, max_area_mm2=5.0)
+
+
+def test_patch_review_decides_small_candidates_and_leaves_large_ones_to_the_network():
+    hu = np.full((1, 16, 16), 40.0, dtype=np.float32)
+    hu[0, 0, 0:2] = 300.0  # 0.5 mm^2
+    hu[0, 8:16, 8:16] = 300.0  # 16 mm^2
+    grid = CoarseGrid.for_shape(16, 16, 0.5, 0.5)
+    lad_everywhere = one_hot_probabilities(grid, 1, {(0, r, c): 2 for r in range(6) for c in range(6)})
+    labels, _, _, n_coronary, _ = assign_candidates(hu, as_logits(lad_everywhere), grid, 130.0,
+                                                    review=_constant_review(-20.0), pixel_area_mm2=0.25,
+                                                    spacing_mm=(3.0, 0.5, 0.5))
+    assert n_coronary == 1 and labels[0, 0, 0] == 0 and labels[0, 12, 12] == 2
+    labels, *_ = assign_candidates(hu, as_logits(lad_everywhere), grid, 130.0, review=_constant_review(20.0),
+                                   pixel_area_mm2=0.25, spacing_mm=(3.0, 0.5, 0.5))
+    assert labels[0, 0, 0] == 2
+
+
+def test_patch_network_learns_a_pattern_it_can_see():
+    """Every patch holds the same bright speck; only the coronary ones lie where the
+    coarse map (channel 6) says coronary: a fit that works tells them apart on
+    held-out phantoms."""
+    from cacflow.review_training import fit_patch_network
+
+    rng = np.random.default_rng(3)
+    n = 280
+    coronary = rng.random(n) < 0.4
+    patches = rng.normal(0.0, 0.3, (n, 8, 72, 72)).astype(np.float32)
+    patches[:, 4, 33:39, 33:39] += 1.5
+    patches[coronary, 6, 24:48, 24:48] += 0.8
+    scalars = np.zeros((n, 3), dtype=np.float32)
+    network, record = fit_patch_network(patches, scalars, coronary, np.arange(n), epochs=6, batch=32)
+    held_out = (np.arange(n) % 7) == 3
+    review = PatchReview(network)
+    probability = review.probability(patches[held_out][:, :, 4:68, 4:68].copy(), scalars[held_out])
+    assert ((probability >= 0.5) == coronary[held_out]).mean() >= 0.95
+    assert record["held_out_candidates"] == held_out.sum() and 0 <= record["epoch"] < 6
+
+
+def test_fit_patch_review_stores_a_review_the_model_loads_and_resumes(tmp_path):
+    import shutil
+
+    from cacflow.model.engines import ModelFiles
+    from cacflow.review_training import fit_patch_review
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(ModelFiles.packaged().directory, model_dir)
+    work = tmp_path / "patches"
+    fit_patch_review(model_dir, work, counts=(2, 1, 1), workers=1, epochs=1)
+    record = ModelFiles(model_dir).info["patch_review"]
+    assert record["fitted_on"]["candidates"] > record["fitted_on"]["coronary_candidates"] > 0
+    assert isinstance(ModelFiles(model_dir).candidate_review, PatchReview)
+    cut = sorted(work.glob("*.npz"))
+    assert [p.name for p in cut] == ["61000001_0000.npz", "61000001_0001.npz", "61000002_0000.npz", "61000003_0000.npz"]
+    before = {p: p.stat().st_mtime_ns for p in cut}
+    fit_patch_review(model_dir, work, counts=(2, 1, 1), workers=1, epochs=1)
+    assert {p: p.stat().st_mtime_ns for p in cut} == before  # patches already cut are not cut again
+
+
+@pytest.mark.parametrize("counts", ["240:120", "1:2:-1", "a:b:c"])
+def test_cli_refuses_patch_review_phantoms_that_are_not_three_counts(tmp_path, counts):
+    from cacflow import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m"),
+                  "--patch-review-phantoms", counts])
+
+
+def test_fit_refuses_to_decide_shares_it_was_not_fitted_on(tmp_path):
+    from cacflow.review_training import fit_patch_review
+
+    with pytest.raises(ValueError, match="never saw"):
+        fit_patch_review(tmp_path / "model", tmp_path / "work", counts=(1, 0, 0), min_share=0.001)
