@@ -100,6 +100,16 @@ class CandidateVotes:
         """The vessels' share of each component's summed probability."""
         return self.votes[:, 1:].sum(axis=1) / np.maximum(self.votes.sum(axis=1), 1e-12)
 
+    def areas_mm2(self, pixel_area_mm2: float) -> np.ndarray:
+        """Each component's in-slice area (row 0, the background, is 0)."""
+        return np.bincount(self.of_voxel, minlength=self.count + 1) * pixel_area_mm2
+
+    def holding(self, voxel_mask: np.ndarray) -> np.ndarray:
+        """bool [count + 1]: which components hold at least one voxel of ``voxel_mask``
+        (e.g. a phantom's coronary plaques: a candidate's truth for a review's fit)."""
+        z, y, x = self.voxels
+        return np.bincount(self.of_voxel, weights=voxel_mask[z, y, x], minlength=self.count + 1) > 0
+
 
 def candidate_votes(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: float) -> CandidateVotes:
     """Sum the engine's class probabilities (logits ``[z, N_CLASSES, padded_height,
@@ -146,7 +156,7 @@ def assign_candidates(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: fl
     vessel = (votes[:, 1:].argmax(axis=1) + 1).astype(np.uint8)
     share = candidates.coronary_share
     if hasattr(review, "decide"):  # a PatchReview looks at the scan itself
-        area_mm2 = np.bincount(candidates.of_voxel, minlength=candidates.count + 1) * pixel_area_mm2
+        area_mm2 = candidates.areas_mm2(pixel_area_mm2)
         chosen, probability = review.decide(hu, candidates, share, area_mm2, logits, grid, spacing_mm, threshold_hu)
         share = share.copy()
         share[chosen] = probability
@@ -174,7 +184,7 @@ def review_features(hu: np.ndarray, candidates: CandidateVotes, share: np.ndarra
     """(component numbers, their features) of the candidates a review with these bounds
     decides (``cacflow.candidate_review``). The scan's noise is measured only when
     there is one."""
-    area_mm2 = np.bincount(candidates.of_voxel, minlength=candidates.count + 1) * pixel_area_mm2
+    area_mm2 = candidates.areas_mm2(pixel_area_mm2)
     chosen = np.flatnonzero(candidates_to_review(share, area_mm2, min_share, max_area_mm2))
     if len(chosen) == 0:
         return chosen, np.zeros((0, len(FEATURES)))

@@ -31,6 +31,8 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from cacflow.candidate_review import candidates_to_review, scan_noise_hu
+
 PATCH_PIXELS = 64
 PATCH_SPACING_MM = 0.6
 N_PATCH_CHANNELS = 8
@@ -126,13 +128,9 @@ class PatchReview:
                threshold_hu: float = 130.0):
         """(component numbers it decides, their probability of being coronary), for a
         scan's ``candidates`` (``cacflow.inference.CandidateVotes``)."""
-        chosen = (share >= self.min_share) & (area_mm2 < self.max_area_mm2)
-        chosen[0] = False
-        chosen = np.flatnonzero(chosen)
+        chosen = np.flatnonzero(candidates_to_review(share, area_mm2, self.min_share, self.max_area_mm2))
         if len(chosen) == 0:
             return chosen, np.zeros(0)
-        from cacflow.candidate_review import scan_noise_hu
-
         noise = scan_noise_hu(hu)
         patches = candidate_patches(hu, candidates.components, chosen, logits, grid, spacing_mm, noise, threshold_hu)
         return chosen, self.probability(patches, candidate_scalars(share[chosen], area_mm2[chosen], noise))

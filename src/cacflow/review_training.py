@@ -49,10 +49,7 @@ def review_candidates(segmenter, phantom, min_share: float, max_area_mm2: float)
     pixel_area = phantom.spacing_mm[1] * phantom.spacing_mm[2]
     chosen, features = review_features(hu, candidates, candidates.coronary_share, pixel_area, min_share,
                                        max_area_mm2, threshold)
-    z, y, x = candidates.voxels
-    coronary = np.bincount(candidates.of_voxel, weights=phantom.coronary_labels[z, y, x] > 0,
-                           minlength=candidates.count + 1) > 0
-    return features, coronary[chosen]
+    return features, candidates.holding(phantom.coronary_labels > 0)[chosen]
 
 
 def fit_candidate_review(model_dir: str | Path, seed: int = REVIEW_SEED, counts: tuple[int, int] = REVIEW_PHANTOMS,
@@ -132,11 +129,9 @@ def _extract_patch_phantom(job) -> int:
     logits = engine_logits(_patch_segmenter.engine, inputs, _patch_segmenter.batch_slices)
     candidates = candidate_votes(hu, logits, grid, _patch_segmenter.threshold_hu)
     share = candidates.coronary_share
-    area_mm2 = np.bincount(candidates.of_voxel, minlength=candidates.count + 1) * spacing[1] * spacing[2]
+    area_mm2 = candidates.areas_mm2(spacing[1] * spacing[2])
     chosen = np.flatnonzero(candidates_to_review(share, area_mm2, PATCH_FIT_MIN_SHARE, max_area_mm2))
-    z, y, x = candidates.voxels
-    coronary = np.bincount(candidates.of_voxel, weights=phantom.coronary_labels[z, y, x] > 0,
-                           minlength=candidates.count + 1) > 0
+    coronary = candidates.holding(phantom.coronary_labels > 0)
     noise = scan_noise_hu(hu)
     patches = candidate_patches(hu, candidates.components, chosen, logits, grid, spacing, noise,
                                 _patch_segmenter.threshold_hu, pixels=PATCH_TRAINING_PIXELS)

@@ -115,41 +115,35 @@ def test_snakemake_train_fine_tunes_when_the_config_names_a_coca_root(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile"), "--directory", str(tmp_path),
                "-n", "-p", "train"]
-    plain = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert plain.returncode == 0, plain.stderr[-2000:]
+
+    def dry_run(config_text: str | None = None) -> str:
+        """`snakemake -n -p train`, with this config file on top of the default; its stdout."""
+        extra = []
+        if config_text is not None:
+            config_file = tmp_path / "extra.yaml"
+            config_file.write_text(config_text)
+            extra = ["--configfile", str(config_file)]
+        run = subprocess.run([*command, *extra], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout
+
+    plain = dry_run()
     assert ("--work-dir results/training --members 400:20000,800:30000 --negatives-tune shipped "
-            "--review-phantoms 0:0 --device auto") in plain.stdout
-    assert "--coca-root" not in plain.stdout
-    one_stage = tmp_path / "one_stage.yaml"
-    one_stage.write_text("training:\n  negatives_tune: null\n  review_phantoms: [160, 100]\n")
-    members_only = subprocess.run([*command, "--configfile", str(one_stage)], capture_output=True, text=True, env=env,
-                                  cwd=tmp_path)
-    assert members_only.returncode == 0, members_only.stderr[-2000:]
-    assert "--members 400:20000,800:30000 --negatives-tune none --review-phantoms 160:100 --device auto" in members_only.stdout
-    one_stage.write_text("training:\n  patch_review_phantoms: [240, 120, 160]\n  patch_review_min_share: 0.1\n")
-    patched = subprocess.run([*command, "--configfile", str(one_stage)], capture_output=True, text=True, env=env,
-                             cwd=tmp_path)
-    assert patched.returncode == 0, patched.stderr[-2000:]
+            "--review-phantoms 0:0 --device auto") in plain
+    assert "--coca-root" not in plain
+    members_only = dry_run("training:\n  negatives_tune: null\n  review_phantoms: [160, 100]\n")
+    assert "--members 400:20000,800:30000 --negatives-tune none --review-phantoms 160:100 --device auto" in members_only
+    patched = dry_run("training:\n  patch_review_phantoms: [240, 120, 160]\n  patch_review_min_share: 0.1\n")
     assert ("--review-phantoms 0:0 --patch-review-phantoms 240:120:160 --patch-review-min-share 0.1 "
-            "--device auto") in patched.stdout
-    two_stage = tmp_path / "two_stage.yaml"
+            "--device auto") in patched
     # A mapping of one's own replaces the default whole: no perivascular blobs unless it says so.
-    two_stage.write_text("training:\n  negatives_tune: {volumes: 800, steps: 9000, learning_rate: 0.0005}\n")
-    tuned = subprocess.run([*command, "--configfile", str(two_stage)], capture_output=True, text=True, env=env,
-                           cwd=tmp_path)
-    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    tuned = dry_run("training:\n  negatives_tune: {volumes: 800, steps: 9000, learning_rate: 0.0005}\n")
     assert ("--members 400:20000,800:30000 --negatives-tune 800:9000 --negatives-tune-learning-rate 0.0005 "
-            "--review-phantoms 0:0 --device auto") in tuned.stdout
-    two_stage.write_text("training:\n  negatives_tune: {volumes: 400, steps: 5000, learning_rate: 0.001,\n"
-                         "                   perivascular_calcium: true, speck_lesions: true}\n")
-    tuned = subprocess.run([*command, "--configfile", str(two_stage)], capture_output=True, text=True, env=env,
-                           cwd=tmp_path)
-    assert tuned.returncode == 0, tuned.stderr[-2000:]
+            "--review-phantoms 0:0 --device auto") in tuned
+    tuned = dry_run("training:\n  negatives_tune: {volumes: 400, steps: 5000, learning_rate: 0.001,\n"
+                    "                   perivascular_calcium: true, speck_lesions: true}\n")
     assert ("--negatives-tune 400:5000 --negatives-tune-learning-rate 0.001 --negatives-tune-perivascular "
-            "--negatives-tune-specks --review-phantoms 0:0 --device auto") in tuned.stdout
-    extra = tmp_path / "coca.yaml"
-    extra.write_text("training:\n  coca_root: /data/my coca\n  fine_tune_steps: 700\n  device: cuda\n")
-    tuned = subprocess.run([*command, "--configfile", str(extra)], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert tuned.returncode == 0, tuned.stderr[-2000:]
-    assert "--coca-root '/data/my coca' --init-weights packaged --steps 700" in tuned.stdout
-    assert "--device cuda" in tuned.stdout
+            "--negatives-tune-specks --review-phantoms 0:0 --device auto") in tuned
+    tuned = dry_run("training:\n  coca_root: /data/my coca\n  fine_tune_steps: 700\n  device: cuda\n")
+    assert "--coca-root '/data/my coca' --init-weights packaged --steps 700" in tuned
+    assert "--device cuda" in tuned
