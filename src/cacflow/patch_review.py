@@ -36,6 +36,11 @@ from cacflow.candidate_review import candidates_to_review, scan_noise_hu
 PATCH_PIXELS = 64
 PATCH_SPACING_MM = 0.6
 N_PATCH_CHANNELS = 8
+# The optional wide view: 144 mm around the candidate (heart, chest wall, airways), where
+# a calcified breast artery in chest-wall fat and a plaque in epicardial fat differ.
+CONTEXT_PIXELS = 64
+CONTEXT_SPACING_MM = 2.25
+N_CONTEXT_CHANNELS = 3  # soft-tissue window, wide window (both smoothed to 2.25 mm), coarse coronary map
 N_SCALARS = 3  # share logit, log area (mm^2), log noise (HU)
 _SHARE_CLIP = 1e-4
 
@@ -86,6 +91,43 @@ def candidate_patches(hu: np.ndarray, components: np.ndarray, candidates: np.nda
     return out
 
 
+def context_patches(hu: np.ndarray, components: np.ndarray, candidates: np.ndarray, logits: np.ndarray, grid,
+                    spacing_mm, pixels: int = CONTEXT_PIXELS) -> np.ndarray:
+    """``[len(candidates), N_CONTEXT_CHANNELS, pixels, pixels]`` float32 wide views
+    (``CONTEXT_SPACING_MM`` pixels) centred where ``candidate_patches`` centres its
+    patches. The slice is box-smoothed to the view's pixel first, so that the view
+    shows tissue rather than aliased noise; outside the scan the windows read -1 and
+    the coronary map 0."""
+    out = np.zeros((len(candidates), N_CONTEXT_CHANNELS, pixels, pixels), dtype=np.float32)
+    if len(candidates) == 0:
+        return out
+    boxes = ndimage.find_objects(components)
+    offsets = (np.arange(pixels) - (pixels - 1) / 2.0) * CONTEXT_SPACING_MM
+    n_rows, n_cols = hu.shape[1], hu.shape[2]
+    box = (max(1, round(CONTEXT_SPACING_MM / spacing_mm[1])), max(1, round(CONTEXT_SPACING_MM / spacing_mm[2])))
+    windows_of_slice, probability_of_slice = {}, {}
+    for row, k in enumerate(candidates):
+        z_slice, y_slice, x_slice = boxes[k - 1]
+        z = z_slice.start
+        ys, xs = np.nonzero(components[z, y_slice, x_slice] == k)
+        cy, cx = ys.mean() + y_slice.start, xs.mean() + x_slice.start
+        rr, cc = np.meshgrid(cy + offsets / spacing_mm[1], cx + offsets / spacing_mm[2], indexing="ij")
+        if z not in windows_of_slice:
+            windows_of_slice[z] = (ndimage.uniform_filter(np.clip(hu[z], -200, 300).astype(np.float32), box),
+                                   ndimage.uniform_filter(np.clip(hu[z], -1000, 1000).astype(np.float32), box))
+            probability_of_slice[z] = coronary_probability_slice(logits[z])
+        coordinates = np.stack([rr.ravel(), cc.ravel()])
+        outside = (rr < 0) | (rr > n_rows - 1) | (cc < 0) | (cc > n_cols - 1)
+        soft, wide = (ndimage.map_coordinates(w, coordinates, order=1, mode="nearest").reshape(rr.shape)
+                      for w in windows_of_slice[z])
+        out[row, 0] = np.where(outside, -1.0, (soft - 50.0) / 250.0)
+        out[row, 1] = np.where(outside, -1.0, wide / 1000.0)
+        nearest_r = np.clip(np.rint(rr), 0, n_rows - 1).astype(np.int64)
+        nearest_c = np.clip(np.rint(cc), 0, n_cols - 1).astype(np.int64)
+        out[row, 2] = np.where(outside, 0.0, probability_of_slice[z][grid.row_index[nearest_r], grid.col_index[nearest_c]])
+    return out
+
+
 def candidate_scalars(share: np.ndarray, area_mm2: np.ndarray, noise_hu: float) -> np.ndarray:
     s = np.clip(share, _SHARE_CLIP, 1 - _SHARE_CLIP)
     return np.column_stack([np.log(s / (1 - s)) / 5.0, np.log(area_mm2),
@@ -97,25 +139,44 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
                          nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
+def _levels(c_in: int, widths) -> nn.Sequential:
+    layers = []
+    for level, width in enumerate(widths):
+        if level:
+            layers.append(nn.MaxPool2d(2))
+        layers.append(_block(c_in, width))
+        c_in = width
+    return nn.Sequential(*layers)
+
+
+def _pooled(features: torch.Tensor) -> torch.Tensor:
+    return torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
+
+
 class PatchNet(nn.Module):
     """Three conv levels (16-32-64) with poolings, global average and max pooling, and
-    a small head that also sees the candidate's scalars: one logit, coronary or not."""
+    a small head that also sees the candidate's scalars: one logit, coronary or not.
+    With ``context``, a second branch of the same shape reads the wide view
+    (``context_patches``) and the head sees both."""
 
-    def __init__(self, widths=(16, 32, 64)):
+    def __init__(self, widths=(16, 32, 64), context: bool = False):
         super().__init__()
-        layers, c_prev = [], N_PATCH_CHANNELS
-        for level, width in enumerate(widths):
-            if level:
-                layers.append(nn.MaxPool2d(2))
-            layers.append(_block(c_prev, width))
-            c_prev = width
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Linear(2 * c_prev + N_SCALARS, 64), nn.ReLU(inplace=True), nn.Linear(64, 1))
+        self.features = _levels(N_PATCH_CHANNELS, widths)
+        self.context = _levels(N_CONTEXT_CHANNELS, widths) if context else None
+        pooled_width = 2 * widths[-1] * (2 if context else 1)
+        self.head = nn.Sequential(nn.Linear(pooled_width + N_SCALARS, 64), nn.ReLU(inplace=True), nn.Linear(64, 1))
 
-    def forward(self, patches: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
-        f = self.features(patches)
-        pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3)), scalars], dim=1)
-        return self.head(pooled).squeeze(1)
+    @property
+    def has_context(self) -> bool:
+        return self.context is not None
+
+    def forward(self, patches: torch.Tensor, scalars: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = [_pooled(self.features(patches))]
+        if self.has_context:
+            if context is None:
+                raise ValueError("this patch review reads a wide view too: pass context_patches(...)")
+            pooled.append(_pooled(self.context(context)))
+        return self.head(torch.cat([*pooled, scalars], dim=1)).squeeze(1)
 
 
 @dataclass
@@ -133,12 +194,15 @@ class PatchReview:
             return chosen, np.zeros(0)
         noise = scan_noise_hu(hu)
         patches = candidate_patches(hu, candidates.components, chosen, logits, grid, spacing_mm, noise, threshold_hu)
-        return chosen, self.probability(patches, candidate_scalars(share[chosen], area_mm2[chosen], noise))
+        context = (context_patches(hu, candidates.components, chosen, logits, grid, spacing_mm)
+                   if self.network.has_context else None)
+        return chosen, self.probability(patches, candidate_scalars(share[chosen], area_mm2[chosen], noise), context)
 
-    def probability(self, patches: np.ndarray, scalars: np.ndarray) -> np.ndarray:
+    def probability(self, patches: np.ndarray, scalars: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
         if len(patches) == 0:
             return np.zeros(0)
         self.network.eval()
         with torch.no_grad():
-            logits = self.network(torch.from_numpy(patches), torch.from_numpy(scalars))
+            logits = self.network(torch.from_numpy(patches), torch.from_numpy(scalars),
+                                  None if context is None else torch.from_numpy(context))
         return torch.sigmoid(logits).numpy().astype(float)

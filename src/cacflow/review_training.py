@@ -107,18 +107,21 @@ _patch_segmenter = None  # one engine per extraction worker
 
 
 def _extract_patch_phantom(job) -> int:
-    """Save the patches, scalars and truth of one phantom's reviewed candidates
-    (``{out}/{stream}_{index}.npz``, written atomically so an interrupted run resumes)."""
+    """Save the patches, wide views, scalars and truth of one phantom's reviewed
+    candidates (``{out}/{stream}_{index}.npz``, written atomically so an interrupted run
+    resumes; one cut without wide views is cut again when they are wanted)."""
     global _patch_segmenter
-    model_dir, out_dir, stream, options, index, max_area_mm2 = job
+    model_dir, out_dir, stream, options, index, max_area_mm2, with_context = job
     out = Path(out_dir) / f"{stream}_{index:04d}.npz"
     if out.exists():
-        return int(len(np.load(out)["coronary"]))
+        saved = np.load(out)
+        if "context" in saved or not with_context:
+            return int(len(saved["coronary"]))
     from cacflow.candidate_review import candidates_to_review, scan_noise_hu
     from cacflow.inference import CalciumSegmenter, candidate_votes, engine_logits
     from cacflow.model.engines import ModelFiles, create_engine
     from cacflow.model.preprocessing import network_inputs
-    from cacflow.patch_review import candidate_patches, candidate_scalars
+    from cacflow.patch_review import candidate_patches, candidate_scalars, context_patches
     from cacflow.training import training_phantom
 
     if _patch_segmenter is None:
@@ -135,32 +138,51 @@ def _extract_patch_phantom(job) -> int:
     noise = scan_noise_hu(hu)
     patches = candidate_patches(hu, candidates.components, chosen, logits, grid, spacing, noise,
                                 _patch_segmenter.threshold_hu, pixels=PATCH_TRAINING_PIXELS)
+    context = context_patches(hu, candidates.components, chosen, logits, grid, spacing)
     partial = out.with_name(out.stem + ".partial.npz")
-    np.savez(partial, patches=patches.astype(np.float16), scalars=candidate_scalars(share[chosen], area_mm2[chosen], noise),
-             coronary=coronary[chosen], share=share[chosen])
+    np.savez(partial, patches=patches.astype(np.float16), context=context.astype(np.float16),
+             scalars=candidate_scalars(share[chosen], area_mm2[chosen], noise), coronary=coronary[chosen],
+             share=share[chosen])
     partial.replace(out)
     return len(chosen)
 
 
-def _shifted_and_flipped(patches: np.ndarray, rng: np.random.Generator, pixels: int) -> np.ndarray:
+def _shifted_and_flipped(patches: np.ndarray, rng: np.random.Generator, pixels: int,
+                         context: np.ndarray | None = None):
+    """Patches shifted at random within their margin and flipped at random; the wide
+    views, if any, flipped alike (not shifted: a few fine pixels are a fraction of one
+    of theirs)."""
     margin = patches.shape[-1] - pixels
     out = np.empty(patches.shape[:2] + (pixels, pixels), dtype=np.float32)
+    views = None if context is None else np.array(context, dtype=np.float32)
     for i, patch in enumerate(patches):
         dy, dx = rng.integers(0, margin + 1, 2)
         patch = patch[:, dy : dy + pixels, dx : dx + pixels]
         if rng.random() < 0.5:
             patch = patch[:, :, ::-1]
+            if views is not None:
+                views[i] = views[i][:, :, ::-1]
         if rng.random() < 0.5:
             patch = patch[:, ::-1, :]
+            if views is not None:
+                views[i] = views[i][:, ::-1, :]
         out[i] = patch
-    return out
+    return out, views
+
+
+def _tensor(array):
+    import torch
+
+    return None if array is None else torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
 def fit_patch_network(patches: np.ndarray, scalars: np.ndarray, coronary: np.ndarray, phantom_of: np.ndarray,
-                      epochs: int = 30, batch: int = 64, learning_rate: float = 2e-3, seed: int = PATCH_FIT_SEED):
+                      epochs: int = 30, batch: int = 64, learning_rate: float = 2e-3, seed: int = PATCH_FIT_SEED,
+                      context: np.ndarray | None = None):
     """Fit a PatchNet (binary cross-entropy, AdamW, one-cycle schedule, random shifts and
     flips); every seventh phantom is held out and the epoch with the lowest loss on
-    them is kept. Returns (network, record of the fit)."""
+    them is kept. With ``context`` (the candidates' wide views) the network has a
+    branch for them. Returns (network, record of the fit)."""
     import torch
 
     from cacflow.patch_review import PATCH_PIXELS, PatchNet
@@ -170,10 +192,10 @@ def fit_patch_network(patches: np.ndarray, scalars: np.ndarray, coronary: np.nda
     held_out = (phantom_of % 7) == 3
     train, check = np.flatnonzero(~held_out), np.flatnonzero(held_out)
     margin = (patches.shape[-1] - PATCH_PIXELS) // 2
-    check_patches = torch.from_numpy(np.ascontiguousarray(
-        patches[check][:, :, margin : margin + PATCH_PIXELS, margin : margin + PATCH_PIXELS], dtype=np.float32))
+    check_patches = _tensor(patches[check][:, :, margin : margin + PATCH_PIXELS, margin : margin + PATCH_PIXELS])
+    check_context = None if context is None else _tensor(context[check])
     check_scalars, check_truth = torch.from_numpy(scalars[check]), torch.from_numpy(coronary[check].astype(np.float32))
-    network = PatchNet()
+    network = PatchNet(context=context is not None)
     steps_per_epoch = max(len(train) // batch, 1)
     optimiser = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=1e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=learning_rate, total_steps=epochs * steps_per_epoch)
@@ -184,8 +206,10 @@ def fit_patch_network(patches: np.ndarray, scalars: np.ndarray, coronary: np.nda
         order = rng.permutation(train)
         for step in range(steps_per_epoch):
             rows = order[step * batch : (step + 1) * batch]
-            inputs = torch.from_numpy(_shifted_and_flipped(patches[rows], rng, PATCH_PIXELS))
-            loss = loss_of(network(inputs, torch.from_numpy(scalars[rows])), torch.from_numpy(coronary[rows].astype(np.float32)))
+            inputs, views = _shifted_and_flipped(patches[rows], rng, PATCH_PIXELS,
+                                                 None if context is None else context[rows])
+            logits = network(torch.from_numpy(inputs), torch.from_numpy(scalars[rows]), _tensor(views))
+            loss = loss_of(logits, torch.from_numpy(coronary[rows].astype(np.float32)))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -195,7 +219,7 @@ def fit_patch_network(patches: np.ndarray, scalars: np.ndarray, coronary: np.nda
             continue
         network.eval()
         with torch.no_grad():
-            check_logits = network(check_patches, check_scalars)
+            check_logits = network(check_patches, check_scalars, check_context)
         held_out_loss = float(loss_of(check_logits, check_truth))
         called = (check_logits > 0).numpy()
         log.info("patch review epoch %d: held-out loss %.4f, coronary found %d/%d, false %d/%d", epoch, held_out_loss,
@@ -207,18 +231,20 @@ def fit_patch_network(patches: np.ndarray, scalars: np.ndarray, coronary: np.nda
                     "held_out_found": int((called & coronary[check]).sum()),
                     "held_out_false": int((called & ~coronary[check]).sum())}
     network.load_state_dict(best.pop("state"))
-    record = {"epochs": epochs, "batch": batch, "learning_rate": learning_rate, "seed": seed,
+    record = {"epochs": epochs, "batch": batch, "learning_rate": learning_rate, "seed": seed, "context": context is not None,
               "held_out_candidates": int(len(check)), "held_out_coronary": int(coronary[check].sum()), **best}
     return network, record
 
 
 def fit_patch_review(model_dir: str | Path, work_dir: str | Path, counts: tuple[int, ...] = PATCH_REVIEW_PHANTOMS,
-                     workers: int = 2, min_share: float = 0.01, max_area_mm2: float = 5.0, epochs: int = 30):
+                     workers: int = 2, min_share: float = 0.01, max_area_mm2: float = 5.0, epochs: int = 30,
+                     context: bool = False):
     """Fit the patch review for the model in ``model_dir`` and store it beside it
     (``patch_review.pt``, model.json ``patch_review``). Patches are cut into
     ``work_dir`` one phantom at a time (resumable), by the model's int8 engine, from
     ``counts`` phantoms of the ``PATCH_REVIEW_STREAMS``. It is fitted on candidates with
-    a share of at least ``PATCH_FIT_MIN_SHARE`` and decides those with ``min_share``."""
+    a share of at least ``PATCH_FIT_MIN_SHARE`` and decides those with ``min_share``.
+    ``context``: the network also reads each candidate's wide view."""
     from multiprocessing import get_context
 
     import torch
@@ -230,26 +256,27 @@ def fit_patch_review(model_dir: str | Path, work_dir: str | Path, counts: tuple[
     if min_share < PATCH_FIT_MIN_SHARE:
         raise ValueError(f"the patch review is fitted on shares of at least {PATCH_FIT_MIN_SHARE}; min_share {min_share} "
                          f"would let it decide candidates it never saw")
-    jobs = [(str(model_dir), str(work_dir), stream, options, index, max_area_mm2)
+    jobs = [(str(model_dir), str(work_dir), stream, options, index, max_area_mm2, context)
             for (stream, options), n in zip(PATCH_REVIEW_STREAMS, counts) for index in range(n)]
     with get_context("spawn").Pool(workers) as pool:
         for done, n in enumerate(pool.imap(_extract_patch_phantom, jobs), 1):
             if done % 20 == 0 or done == len(jobs):
                 log.info("patch review: %d/%d phantoms cut", done, len(jobs))
-    tables = [np.load(work_dir / f"{stream}_{index:04d}.npz") for _, _, stream, _, index, _ in jobs]
+    tables = [np.load(work_dir / f"{stream}_{index:04d}.npz") for _, _, stream, _, index, *_ in jobs]
     phantom_of = np.concatenate([np.full(len(t["coronary"]), number) for number, t in enumerate(tables)])
     patches, scalars, coronary = (np.concatenate([t[key] for t in tables]) for key in ("patches", "scalars", "coronary"))
     if coronary.all() or not coronary.any():
         raise ValueError(f"the patch review needs coronary and other small candidates to learn from; "
                          f"{len(jobs)} phantoms gave {int(coronary.sum())} and {int((~coronary).sum())}: fit it on more")
-    network, fit = fit_patch_network(patches, scalars, coronary.astype(bool), phantom_of, epochs=epochs)
+    views = np.concatenate([t["context"] for t in tables]) if context else None
+    network, fit = fit_patch_network(patches, scalars, coronary.astype(bool), phantom_of, epochs=epochs, context=views)
     atomic_torch_save = work_dir / "patch_review.pt.partial"
     torch.save(network.state_dict(), atomic_torch_save)
     atomic_torch_save.replace(model_dir / "patch_review.pt")
     info_path = model_dir / "model.json"
     info = json.loads(info_path.read_text())
     info["patch_review"] = {
-        "weights": "patch_review.pt", "min_share": min_share, "max_area_mm2": max_area_mm2,
+        "weights": "patch_review.pt", "min_share": min_share, "max_area_mm2": max_area_mm2, "context": context,
         "fitted_on": {"streams": [{"seed": s, **o, "phantoms": n} for (s, o), n in zip(PATCH_REVIEW_STREAMS, counts)],
                       "fit_min_share": PATCH_FIT_MIN_SHARE, "candidates": int(len(coronary)),
                       "coronary_candidates": int(coronary.sum()), **fit},

@@ -5,7 +5,16 @@ from scipy import ndimage
 
 from cacflow.inference import IN_PLANE_8_CONNECTED, assign_candidates
 from cacflow.model.preprocessing import CoarseGrid
-from cacflow.patch_review import PATCH_PIXELS, PATCH_SPACING_MM, PatchNet, PatchReview, candidate_patches
+from cacflow.patch_review import (
+    CONTEXT_PIXELS,
+    CONTEXT_SPACING_MM,
+    PATCH_PIXELS,
+    PATCH_SPACING_MM,
+    PatchNet,
+    PatchReview,
+    candidate_patches,
+    context_patches,
+)
 
 from test_inference import as_logits, one_hot_probabilities
 
@@ -37,8 +46,50 @@ def test_patch_is_centred_on_its_candidate_with_known_channel_values():
     assert PATCH_SPACING_MM == 0.6
 
 
-def _constant_review(logit: float) -> PatchReview:
-    network = PatchNet()
+def test_wide_view_shows_the_surroundings_smoothed_with_the_scan_edge_marked():
+    # 0.75 mm voxels, so the view's 2.25 mm pixel is 3 voxels and smoothing is a 3 x 3 box.
+    hu = np.full((1, 120, 120), 40.0, dtype=np.float32)  # soft tissue
+    hu[0, :, :30] = -100.0  # fat in columns 0-29
+    hu[0, 60, 60] = 400.0  # the candidate: one voxel
+    components, _ = ndimage.label(hu >= 130, structure=IN_PLANE_8_CONNECTED)
+    grid = CoarseGrid.for_shape(120, 120, 0.75, 0.75)  # 60 cells of 1.5 mm
+    # Coronary only in cells 29-31 (voxels 58-63) of rows and columns.
+    probabilities = one_hot_probabilities(grid, 1, {(0, r, c): 2 for r in range(29, 32) for c in range(29, 32)})
+    view = context_patches(hu, components, np.array([1]), as_logits(probabilities), grid, (3.0, 0.75, 0.75))
+    assert view.shape == (1, 3, CONTEXT_PIXELS, CONTEXT_PIXELS) and CONTEXT_SPACING_MM == 2.25
+    # View pixel j sits at voxel 60 + (j - 31.5) * 3: pixel 31.5 is the candidate.
+    row_of_tissue, col_of_tissue = 36, 36  # voxel 60 + 4.5 * 3 = 73.5: tissue all round
+    assert view[0, 0, row_of_tissue, col_of_tissue] == pytest.approx((40 - 50) / 250)
+    assert view[0, 1, row_of_tissue, col_of_tissue] == pytest.approx(40 / 1000)
+    col_of_fat = 31 - 12  # (19 - 31.5) * 3 = -37.5 -> voxel 22.5: fat, its 3 x 3 box all fat
+    assert view[0, 0, row_of_tissue, col_of_fat] == pytest.approx((-100 - 50) / 250)
+    assert view[0, 1, row_of_tissue, col_of_fat] == pytest.approx(-100 / 1000)
+    # Beyond the scan (voxel 60 - 31.5 * 3 < 0 at the first pixel): windows -1, coronary map 0.
+    assert view[0, 0, 0, 0] == -1.0 and view[0, 1, 0, 0] == -1.0 and view[0, 2, 0, 0] == 0.0
+    # The candidate's voxel is smoothed with its eight tissue neighbours (soft window clips at 300).
+    centre = (view[0, 0, 31, 31] + view[0, 0, 32, 32] + view[0, 0, 31, 32] + view[0, 0, 32, 31]) / 4
+    assert centre * 250 + 50 > 40 + 1  # brighter than tissue, though one voxel in nine
+    # The coronary map is read at the nearest voxel: pixels 31 and 32 (voxels 58 and 62) only.
+    assert view[0, 2, 31:33, 31:33] == pytest.approx(np.ones((2, 2)), abs=1e-4)
+    assert (view[0, 2] > 0.5).sum() == 4 and view[0, 2, row_of_tissue, col_of_tissue] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_a_review_with_a_wide_view_reads_it_and_refuses_to_run_without():
+    network = PatchNet(context=True)
+    patches = np.zeros((2, 8, PATCH_PIXELS, PATCH_PIXELS), dtype=np.float32)
+    scalars = np.zeros((2, 3), dtype=np.float32)
+    views = np.zeros((2, 3, CONTEXT_PIXELS, CONTEXT_PIXELS), dtype=np.float32)
+    views[1, 2] = 1.0
+    review = PatchReview(network)
+    probability = review.probability(patches, scalars, views)
+    assert probability.shape == (2,) and probability[0] != probability[1]  # the view changes the verdict
+    with pytest.raises(ValueError, match="wide view"):
+        review.probability(patches, scalars)
+    assert not PatchNet().has_context and network.has_context
+
+
+def _constant_review(logit: float, context: bool = False) -> PatchReview:
+    network = PatchNet(context=context)
     with torch.no_grad():
         for parameter in network.head[-1].parameters():
             parameter.zero_()
@@ -46,17 +97,18 @@ def _constant_review(logit: float) -> PatchReview:
     return PatchReview(network, min_share=0.01, max_area_mm2=5.0)
 
 
-def test_patch_review_decides_small_candidates_and_leaves_large_ones_to_the_network():
+@pytest.mark.parametrize("context", [False, True], ids=["patch", "patch-and-wide-view"])
+def test_patch_review_decides_small_candidates_and_leaves_large_ones_to_the_network(context):
     hu = np.full((1, 16, 16), 40.0, dtype=np.float32)
     hu[0, 0, 0:2] = 300.0  # 0.5 mm^2
     hu[0, 8:16, 8:16] = 300.0  # 16 mm^2
     grid = CoarseGrid.for_shape(16, 16, 0.5, 0.5)
     lad_everywhere = one_hot_probabilities(grid, 1, {(0, r, c): 2 for r in range(6) for c in range(6)})
     labels, _, _, n_coronary, _ = assign_candidates(hu, as_logits(lad_everywhere), grid, 130.0,
-                                                    review=_constant_review(-20.0), pixel_area_mm2=0.25,
+                                                    review=_constant_review(-20.0, context), pixel_area_mm2=0.25,
                                                     spacing_mm=(3.0, 0.5, 0.5))
     assert n_coronary == 1 and labels[0, 0, 0] == 0 and labels[0, 12, 12] == 2
-    labels, *_ = assign_candidates(hu, as_logits(lad_everywhere), grid, 130.0, review=_constant_review(20.0),
+    labels, *_ = assign_candidates(hu, as_logits(lad_everywhere), grid, 130.0, review=_constant_review(20.0, context),
                                    pixel_area_mm2=0.25, spacing_mm=(3.0, 0.5, 0.5))
     assert labels[0, 0, 0] == 2
 
@@ -82,6 +134,31 @@ def test_patch_network_learns_a_pattern_it_can_see():
     assert record["held_out_candidates"] == held_out.sum() and 0 <= record["epoch"] < 6
 
 
+def test_patch_network_with_a_wide_view_learns_what_only_the_view_shows():
+    """The fine patches of both classes are drawn alike; only the wide view tells them
+    apart (a ring of fat, read in the soft-tissue window, around the coronary ones), so
+    a fit that did not use the view would stay at chance."""
+    from cacflow.review_training import fit_patch_network
+
+    rng = np.random.default_rng(5)
+    n = 280
+    coronary = rng.random(n) < 0.4
+    patches = rng.normal(0.0, 0.3, (n, 8, 72, 72)).astype(np.float32)
+    patches[:, 4, 33:39, 33:39] += 1.5
+    views = rng.normal(0.0, 0.3, (n, 3, 64, 64)).astype(np.float32)
+    ring = np.zeros((64, 64), dtype=bool)
+    ring[16:48, 16:48] = True
+    ring[24:40, 24:40] = False
+    views[np.ix_(coronary, [0], np.arange(64), np.arange(64))] -= 0.8 * ring
+    scalars = np.zeros((n, 3), dtype=np.float32)
+    network, record = fit_patch_network(patches, scalars, coronary, np.arange(n), epochs=6, batch=32, context=views)
+    held_out = (np.arange(n) % 7) == 3
+    assert network.has_context and record["context"]
+    probability = PatchReview(network).probability(patches[held_out][:, :, 4:68, 4:68].copy(), scalars[held_out],
+                                                   views[held_out])
+    assert ((probability >= 0.5) == coronary[held_out]).mean() >= 0.95
+
+
 def test_fit_patch_review_stores_a_review_the_model_loads_and_resumes(tmp_path):
     import shutil
 
@@ -91,15 +168,17 @@ def test_fit_patch_review_stores_a_review_the_model_loads_and_resumes(tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(ModelFiles.packaged().directory, model_dir)
     work = tmp_path / "patches"
-    fit_patch_review(model_dir, work, counts=(2, 1, 1), workers=1, epochs=1)
+    fit_patch_review(model_dir, work, counts=(2, 1, 1), workers=1, epochs=1, context=True)
     record = ModelFiles(model_dir).info["patch_review"]
     assert record["fitted_on"]["candidates"] > record["fitted_on"]["coronary_candidates"] > 0
-    assert isinstance(ModelFiles(model_dir).candidate_review, PatchReview)
+    review = ModelFiles(model_dir).candidate_review
+    assert isinstance(review, PatchReview) and review.network.has_context and record["context"]
     cut = sorted(work.glob("*.npz"))
     assert [p.name for p in cut] == ["61000001_0000.npz", "61000001_0001.npz", "61000002_0000.npz", "61000003_0000.npz"]
     before = {p: p.stat().st_mtime_ns for p in cut}
     fit_patch_review(model_dir, work, counts=(2, 1, 1), workers=1, epochs=1)
     assert {p: p.stat().st_mtime_ns for p in cut} == before  # patches already cut are not cut again
+    assert not ModelFiles(model_dir).candidate_review.network.has_context
 
 
 @pytest.mark.parametrize("counts", ["240:120", "1:2:-1", "a:b:c"])

@@ -129,7 +129,7 @@ class ModelFiles:
             from cacflow.patch_review import PatchNet, PatchReview
 
             record = self.info["patch_review"]
-            network = PatchNet()
+            network = PatchNet(context=bool(record.get("context", False)))
             network.load_state_dict(torch.load(self.directory / record["weights"], map_location="cpu"))
             return PatchReview(network, float(record["min_share"]), float(record["max_area_mm2"]))
         record = self.info.get("candidate_review")
