@@ -118,6 +118,8 @@ class TrainingConfig:
     # (0, 0, 0) fits none. It decides candidates with a share of patch_review_min_share up.
     patch_review_phantoms: tuple[int, int, int] = (0, 0, 0)
     patch_review_min_share: float = 0.01
+    # The patch review also reads a 144 mm wide view of each candidate's slice.
+    patch_review_context: bool = False
     # Then tune what the members trained into on phantoms with scattered blobs (and,
     # if the tune says so, perivascular ones; SHIPPED_NEGATIVES_TUNE is the shipped
     # model's); None: stop after the members (CalciumNet 0.3.0's recipe).
@@ -472,7 +474,8 @@ def train(config: TrainingConfig) -> dict:
         from cacflow.review_training import fit_patch_review
 
         fit_patch_review(config.model_dir, Path(config.work_dir) / "patch_review", counts=tuple(config.patch_review_phantoms),
-                         workers=config.workers, min_share=config.patch_review_min_share)
+                         workers=config.workers, min_share=config.patch_review_min_share,
+                         context=config.patch_review_context)
         info = json.loads((Path(config.model_dir) / "model.json").read_text())
     return info
 
@@ -676,7 +679,7 @@ def training_record(config: TrainingConfig, ensemble: bool) -> dict:
     return {k: v for k, v in asdict(config).items()
             if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device", "dataset_dir",
                          "int8_calibration_phantoms", "negatives_tune", "review_phantoms",
-                         "patch_review_phantoms", "patch_review_min_share")
+                         "patch_review_phantoms", "patch_review_min_share", "patch_review_context")
             and not (ensemble and k in ("n_volumes", "steps"))
             and not (k in _RECORDED_WHEN_USED and not v)}
 

@@ -83,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch-review-min-share", type=float, default=0.01,
                         help="the patch review decides candidates with at least this coronary share from the "
                              "network (default 0.01; the eighth candidate: 0.1)")
+    parser.add_argument("--patch-review-context", action="store_true",
+                        help="the patch review also reads a 144 mm wide view of each candidate's slice, with the "
+                             "chest wall, airways and heart around it (the ninth candidate, docs/evaluation.md)")
 
 
 def _integer_from(minimum: int, expected: str):
@@ -175,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         int8_calibration_phantoms=args.int8_calibration_phantoms,
         review_phantoms=(0, 0) if args.coca_root else args.review_phantoms,
         patch_review_phantoms=(0, 0, 0) if args.coca_root else args.patch_review_phantoms,
-        patch_review_min_share=args.patch_review_min_share,
+        patch_review_min_share=args.patch_review_min_share, patch_review_context=args.patch_review_context,
     )
     tune = args.negatives_tune  # None: not given
     modifiers = (args.negatives_tune_perivascular or args.negatives_tune_specks
