@@ -89,12 +89,16 @@ def fit_candidate_review(model_dir: str | Path, seed: int = REVIEW_SEED, counts:
     return review
 
 
-# The patch review's phantoms (cacflow.patch_review): three training streams no check or
-# cohort uses, with faint specks, plain, and with scattered and perivascular blobs.
+# The patch review's phantoms (cacflow.patch_review): training streams no check or
+# cohort uses, with faint specks, plain, and with scattered and perivascular blobs; the
+# fourth, used only when a fourth count is given, with specks and the calcium of kinds
+# the network never sees (breast arteries, hilar nodes, lung granulomas, costal
+# cartilage), drawn from a stream of its own, not the checks' seeds.
 PATCH_REVIEW_STREAMS = (
     (61_000_001, {"speck_lesions": True}),
     (61_000_002, {}),
     (61_000_003, {"scattered_calcium": True, "perivascular_calcium": True}),
+    (61_000_004, {"speck_lesions": True, "unfamiliar_calcium": True}),
 )
 PATCH_REVIEW_PHANTOMS = (240, 120, 160)
 PATCH_TRAINING_PIXELS = 72  # patches cut larger, for random shifts of up to 4 pixels

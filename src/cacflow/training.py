@@ -114,9 +114,9 @@ class TrainingConfig:
     # none, and the network then decides alone. A COCA fine-tune fits none either.
     review_phantoms: tuple[int, int] = (0, 0)
     # Phantoms (with specks, plain, with blobs) the patch review is fitted on after
-    # training (cacflow.patch_review; tried: review_training.PATCH_REVIEW_PHANTOMS);
-    # (0, 0, 0) fits none. It decides candidates with a share of patch_review_min_share up.
-    patch_review_phantoms: tuple[int, int, int] = (0, 0, 0)
+    # training (cacflow.patch_review; tried: review_training.PATCH_REVIEW_PHANTOMS), and
+    # optionally a fourth count, with specks and unfamiliar calcium; (0, 0, 0) fits none. It decides candidates with a share of patch_review_min_share up.
+    patch_review_phantoms: tuple[int, ...] = (0, 0, 0)
     patch_review_min_share: float = 0.01
     # The patch review also reads a 144 mm wide view of each candidate's slice.
     patch_review_context: bool = False
@@ -239,13 +239,16 @@ def randomised_phantom_settings(rng: np.random.Generator):
 
 
 def training_phantom(seed: int, index: int, acquisition: str = "standard", scattered_calcium: bool = False,
-                     perivascular_calcium: bool = False, speck_lesions: bool = False):
-    """Phantom ``index`` of the training stream ``seed`` (what the dataset holds)."""
+                     perivascular_calcium: bool = False, speck_lesions: bool = False, unfamiliar_calcium: bool = False):
+    """Phantom ``index`` of the training stream ``seed`` (what the dataset holds).
+    ``unfamiliar_calcium``: also breast arteries, hilar nodes, lung granulomas and
+    costal cartilage (only the patch review's fourth stream; the network never sees them)."""
     from cacflow.synth.phantom import generate_phantom
 
     rng = np.random.default_rng([seed, index])
     settings = replace(training_phantom_settings(rng, acquisition), scattered_calcium=scattered_calcium,
-                       perivascular_calcium=perivascular_calcium, speck_lesions=speck_lesions)
+                       perivascular_calcium=perivascular_calcium, speck_lesions=speck_lesions,
+                       unfamiliar_calcium=unfamiliar_calcium)
     return generate_phantom(int(rng.integers(2**31)), settings)
 
 

@@ -116,8 +116,8 @@ def training_arguments():
     review = "--review-phantoms {}:{}".format(*training.get("review_phantoms", [0, 0]))
     patch_counts = training.get("patch_review_phantoms", [0, 0, 0])
     if sum(patch_counts):  # named only when asked for: the usual command line stays as it was
-        review += " --patch-review-phantoms {}:{}:{} --patch-review-min-share {}".format(
-            *patch_counts, training.get("patch_review_min_share", 0.01))
+        review += " --patch-review-phantoms {} --patch-review-min-share {}".format(
+            ":".join(str(n) for n in patch_counts), training.get("patch_review_min_share", 0.01))
         if training.get("patch_review_context", False):
             review += " --patch-review-context"
     return f"--work-dir results/training {f'--members {members} ' if members else ''}{tune} {review} {device}"

@@ -75,11 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "alone; tried and not adopted: %d:%d, docs/evaluation.md; never after a COCA "
                              "fine-tune)" % REVIEW_PHANTOMS)
     parser.add_argument("--patch-review-phantoms", type=_patch_review_phantoms, default=(0, 0, 0),
-                        metavar="SPECKS:PLAIN:BLOBS",
+                        metavar="SPECKS:PLAIN:BLOBS[:UNFAMILIAR]",
                         help="then fit a small network that looks again at small candidates at 0.6 mm pixels "
                              "(cacflow.patch_review) on this many phantoms with faint specks, plain and with "
-                             "calcified blobs (default 0:0:0: none; tried and not adopted: %d:%d:%d, "
-                             "docs/evaluation.md; never after a COCA fine-tune)" % PATCH_REVIEW_PHANTOMS)
+                             "calcified blobs, and optionally with specks and calcium of kinds the network never "
+                             "sees (default 0:0:0: none; tried and not adopted: %d:%d:%d, docs/evaluation.md; "
+                             "never after a COCA fine-tune)" % PATCH_REVIEW_PHANTOMS)
     parser.add_argument("--patch-review-min-share", type=float, default=0.01,
                         help="the patch review decides candidates with at least this coronary share from the "
                              "network (default 0.01; the eighth candidate: 0.1)")
@@ -127,14 +128,14 @@ def _review_phantoms(text: str) -> tuple[int, int]:
     return counts
 
 
-def _patch_review_phantoms(text: str) -> tuple[int, int, int]:
+def _patch_review_phantoms(text: str) -> tuple[int, ...]:
     try:
         counts = tuple(int(n) for n in text.split(":"))
     except ValueError:
         counts = ()
-    if len(counts) != 3 or min(counts) < 0:
-        raise argparse.ArgumentTypeError(f"expected SPECKS:PLAIN:BLOBS, three counts of phantoms, e.g. 240:120:160; "
-                                         f"got {text!r}")
+    if len(counts) not in (3, 4) or min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"expected SPECKS:PLAIN:BLOBS[:UNFAMILIAR], three or four counts of phantoms, "
+                                         f"e.g. 240:120:160; got {text!r}")
     return counts
 
 
