@@ -1016,9 +1016,10 @@ def _zero_scan_summary(rows: list[dict], seed: int, engine: str) -> dict:
 
 def unfamiliar_calcium_check(model_dir: str, n_scans: int = 40, seed: int = 41_000_001, workers: int = 2,
                              engine: str = "onnxruntime") -> dict:
-    """Like ``noncoronary_check``, with calcium of kinds the training phantoms never
-    hold (``UNFAMILIAR_CALCIUM_KINDS``: lung granulomas, hilar lymph nodes, costal
-    cartilage, breast arteries) beside the usual distractors, and no coronary calcium:
+    """Like ``noncoronary_check``, with calcium of kinds the network's training phantoms
+    never hold (``UNFAMILIAR_CALCIUM_KINDS``: lung granulomas, hilar lymph nodes, costal
+    cartilage, breast arteries; only a patch review's optional fourth stream does)
+    beside the usual distractors, and no coronary calcium:
     the share scored 0, and for each scan scored above 0 the kinds of calcium the
     model called coronary. How a model trained on a simulator meets calcium it has not
     learnt, as it will in real chest CT. Phantoms without such calcium visible are

@@ -136,8 +136,8 @@ def test_snakemake_train_fine_tunes_when_the_config_names_a_coca_root(tmp_path):
     patched = dry_run("training:\n  patch_review_phantoms: [240, 120, 160]\n  patch_review_min_share: 0.1\n")
     assert ("--review-phantoms 0:0 --patch-review-phantoms 240:120:160 --patch-review-min-share 0.1 "
             "--device auto") in patched
-    widened = dry_run("training:\n  patch_review_phantoms: [240, 120, 160]\n  patch_review_context: true\n")
-    assert ("--patch-review-phantoms 240:120:160 --patch-review-min-share 0.01 --patch-review-context "
+    widened = dry_run("training:\n  patch_review_phantoms: [240, 120, 160, 160]\n  patch_review_context: true\n")
+    assert ("--patch-review-phantoms 240:120:160:160 --patch-review-min-share 0.01 --patch-review-context "
             "--device auto") in widened
     # A mapping of one's own replaces the default whole: no perivascular blobs unless it says so.
     tuned = dry_run("training:\n  negatives_tune: {volumes: 800, steps: 9000, learning_rate: 0.0005}\n")

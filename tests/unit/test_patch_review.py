@@ -181,7 +181,7 @@ def test_fit_patch_review_stores_a_review_the_model_loads_and_resumes(tmp_path):
     assert not ModelFiles(model_dir).candidate_review.network.has_context
 
 
-@pytest.mark.parametrize("counts", ["240:120", "1:2:-1", "a:b:c"])
+@pytest.mark.parametrize("counts", ["240:120", "1:2:-1", "a:b:c", "1:2:3:4:5"])
 def test_cli_refuses_patch_review_phantoms_that_are_not_three_counts(tmp_path, counts):
     from cacflow import cli
 
@@ -195,3 +195,24 @@ def test_fit_refuses_to_decide_shares_it_was_not_fitted_on(tmp_path):
 
     with pytest.raises(ValueError, match="never saw"):
         fit_patch_review(tmp_path / "model", tmp_path / "work", counts=(1, 0, 0), min_share=0.001)
+
+
+def test_the_fourth_stream_adds_unfamiliar_calcium_to_the_same_patients():
+    """The patch review's fourth stream draws the phantoms of its seed with breast
+    arteries, nodes, granulomas and cartilage added: the same patient and coronary
+    plaques as without them, plus calcium of those kinds, none of it coronary."""
+    from cacflow.review_training import PATCH_REVIEW_STREAMS
+    from cacflow.synth.phantom import UNFAMILIAR_CALCIUM_KINDS
+    from cacflow.training import training_phantom
+
+    seed, options = PATCH_REVIEW_STREAMS[3]
+    assert options == {"speck_lesions": True, "unfamiliar_calcium": True}
+    assert seed not in {s for s, _ in PATCH_REVIEW_STREAMS[:3]}
+    plain_options = {k: v for k, v in options.items() if k != "unfamiliar_calcium"}
+    for index in range(2):
+        with_kinds = training_phantom(seed, index, **options)
+        without = training_phantom(seed, index, **plain_options)
+        kinds = {d["kind"] for d in with_kinds.distractors} & set(UNFAMILIAR_CALCIUM_KINDS)
+        assert kinds and not {d["kind"] for d in without.distractors} & set(UNFAMILIAR_CALCIUM_KINDS)
+        np.testing.assert_array_equal(with_kinds.coronary_labels, without.coronary_labels)
+        assert with_kinds.spacing_mm == without.spacing_mm
