@@ -18,8 +18,10 @@ one keeps the network's decisions.
 
 Tried and not adopted (docs/evaluation.md, "A second look with fine pixels and a
 sense of place"): it found more specks with fewer false positives than the network,
-and called some calcified breast arteries and hilar nodes coronary. The shipped model
-has none; this stays for reproducing that and as the base of the next attempt.
+and called some calcified breast arteries and hilar nodes coronary. Neither a 144 mm
+wide view (``context_patches``) nor, then, fitting on those kinds as well lifted it over
+the unfamiliar-calcium gate. The shipped model has none; this stays for reproducing
+that and as the base of the next attempt.
 """
 
 from __future__ import annotations
