@@ -54,6 +54,24 @@ def coronary_probability_slice(logits_slice: np.ndarray) -> np.ndarray:
     return 1.0 - exp[0] / exp.sum(axis=0)
 
 
+def _sampling_points(components: np.ndarray, candidates: np.ndarray, spacing_mm, pixels: int, pixel_mm: float):
+    """For each candidate: (its slice, the in-slice sample positions ``rr``, ``cc`` of a
+    ``pixels`` x ``pixels`` square of ``pixel_mm`` pixels centred on its centroid, in
+    voxel units, and their nearest voxels clipped to the slice)."""
+    boxes = ndimage.find_objects(components)
+    offsets = (np.arange(pixels) - (pixels - 1) / 2.0) * pixel_mm
+    n_rows, n_cols = components.shape[1], components.shape[2]
+    for k in candidates:
+        z_slice, y_slice, x_slice = boxes[k - 1]
+        z = z_slice.start
+        ys, xs = np.nonzero(components[z, y_slice, x_slice] == k)
+        cy, cx = ys.mean() + y_slice.start, xs.mean() + x_slice.start
+        rr, cc = np.meshgrid(cy + offsets / spacing_mm[1], cx + offsets / spacing_mm[2], indexing="ij")
+        nearest_r = np.clip(np.rint(rr), 0, n_rows - 1).astype(np.int64)
+        nearest_c = np.clip(np.rint(cc), 0, n_cols - 1).astype(np.int64)
+        yield z, rr, cc, nearest_r, nearest_c
+
+
 def candidate_patches(hu: np.ndarray, components: np.ndarray, candidates: np.ndarray, logits: np.ndarray, grid,
                       spacing_mm, noise_hu: float, threshold_hu: float = 130.0, pixels: int = PATCH_PIXELS):
     """``[len(candidates), N_PATCH_CHANNELS, pixels, pixels]`` float32 patches centred
@@ -61,22 +79,10 @@ def candidate_patches(hu: np.ndarray, components: np.ndarray, candidates: np.nda
     out = np.zeros((len(candidates), N_PATCH_CHANNELS, pixels, pixels), dtype=np.float32)
     if len(candidates) == 0:
         return out
-    boxes = ndimage.find_objects(components)
-    offsets = (np.arange(pixels) - (pixels - 1) / 2.0) * PATCH_SPACING_MM
-    n_rows, n_cols = hu.shape[1], hu.shape[2]
     probability_of_slice = {}
-    for row, k in enumerate(candidates):
-        z_slice, y_slice, x_slice = boxes[k - 1]
-        z = z_slice.start
-        inside = components[z, y_slice, x_slice] == k
-        ys, xs = np.nonzero(inside)
-        cy, cx = ys.mean() + y_slice.start, xs.mean() + x_slice.start
-        rows = cy + offsets / spacing_mm[1]
-        cols = cx + offsets / spacing_mm[2]
-        rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    points = _sampling_points(components, candidates, spacing_mm, pixels, PATCH_SPACING_MM)
+    for row, (k, (z, rr, cc, nearest_r, nearest_c)) in enumerate(zip(candidates, points)):
         coordinates = np.stack([rr.ravel(), cc.ravel()])
-        nearest_r = np.clip(np.rint(rr), 0, n_rows - 1).astype(np.int64)
-        nearest_c = np.clip(np.rint(cc), 0, n_cols - 1).astype(np.int64)
         for channel, dz in enumerate((-1, 0, 1)):
             zz = min(max(z + dz, 0), hu.shape[0] - 1)
             values = ndimage.map_coordinates(hu[zz], coordinates, order=1, mode="nearest").reshape(pixels, pixels)
@@ -103,17 +109,11 @@ def context_patches(hu: np.ndarray, components: np.ndarray, candidates: np.ndarr
     out = np.zeros((len(candidates), N_CONTEXT_CHANNELS, pixels, pixels), dtype=np.float32)
     if len(candidates) == 0:
         return out
-    boxes = ndimage.find_objects(components)
-    offsets = (np.arange(pixels) - (pixels - 1) / 2.0) * CONTEXT_SPACING_MM
     n_rows, n_cols = hu.shape[1], hu.shape[2]
     box = (max(1, round(CONTEXT_SPACING_MM / spacing_mm[1])), max(1, round(CONTEXT_SPACING_MM / spacing_mm[2])))
     windows_of_slice, probability_of_slice = {}, {}
-    for row, k in enumerate(candidates):
-        z_slice, y_slice, x_slice = boxes[k - 1]
-        z = z_slice.start
-        ys, xs = np.nonzero(components[z, y_slice, x_slice] == k)
-        cy, cx = ys.mean() + y_slice.start, xs.mean() + x_slice.start
-        rr, cc = np.meshgrid(cy + offsets / spacing_mm[1], cx + offsets / spacing_mm[2], indexing="ij")
+    points = _sampling_points(components, candidates, spacing_mm, pixels, CONTEXT_SPACING_MM)
+    for row, (z, rr, cc, nearest_r, nearest_c) in enumerate(points):
         if z not in windows_of_slice:
             windows_of_slice[z] = (ndimage.uniform_filter(np.clip(hu[z], -200, 300).astype(np.float32), box),
                                    ndimage.uniform_filter(np.clip(hu[z], -1000, 1000).astype(np.float32), box))
@@ -124,8 +124,6 @@ def context_patches(hu: np.ndarray, components: np.ndarray, candidates: np.ndarr
                       for w in windows_of_slice[z])
         out[row, 0] = np.where(outside, -1.0, (soft - 50.0) / 250.0)
         out[row, 1] = np.where(outside, -1.0, wide / 1000.0)
-        nearest_r = np.clip(np.rint(rr), 0, n_rows - 1).astype(np.int64)
-        nearest_c = np.clip(np.rint(cc), 0, n_cols - 1).astype(np.int64)
         out[row, 2] = np.where(outside, 0.0, probability_of_slice[z][grid.row_index[nearest_r], grid.col_index[nearest_c]])
     return out
 

@@ -115,7 +115,8 @@ class TrainingConfig:
     review_phantoms: tuple[int, int] = (0, 0)
     # Phantoms (with specks, plain, with blobs) the patch review is fitted on after
     # training (cacflow.patch_review; tried: review_training.PATCH_REVIEW_PHANTOMS), and
-    # optionally a fourth count, with specks and unfamiliar calcium; (0, 0, 0) fits none. It decides candidates with a share of patch_review_min_share up.
+    # optionally a fourth count, with specks and unfamiliar calcium; (0, 0, 0) fits none.
+    # It decides candidates with a share of patch_review_min_share up.
     patch_review_phantoms: tuple[int, ...] = (0, 0, 0)
     patch_review_min_share: float = 0.01
     # The patch review also reads a 144 mm wide view of each candidate's slice.
