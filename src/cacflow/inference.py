@@ -66,7 +66,10 @@ class CalciumSegmenter:
         self.batch_slices = batch_slices
         self.review = review  # the model's second look at small candidates (cacflow.candidate_review)
 
-    def segment(self, hu: np.ndarray, spacing_mm: tuple[float, float, float]) -> Segmentation:
+    def segment(self, hu: np.ndarray, spacing_mm: tuple[float, float, float],
+                scan_type: str | None = None) -> Segmentation:
+        """``scan_type`` ("gated" / "nongated", cacflow.qc) is needed only by a review
+        that decides on some scan types alone."""
         t0 = time.perf_counter()
         inputs, grid = network_inputs(hu, spacing_mm, self.threshold_hu)
         t1 = time.perf_counter()
@@ -74,7 +77,7 @@ class CalciumSegmenter:
         t2 = time.perf_counter()
         labels, flipped, n_candidates, n_coronary, n_ambiguous = assign_candidates(
             hu, logits, grid, self.threshold_hu, review=self.review, pixel_area_mm2=spacing_mm[1] * spacing_mm[2],
-            spacing_mm=spacing_mm)
+            spacing_mm=spacing_mm, scan_type=scan_type)
         t3 = time.perf_counter()
         return Segmentation(labels, flipped, n_candidates, n_coronary, n_ambiguous, t1 - t0, t2 - t1, t3 - t2)
 
@@ -135,12 +138,13 @@ def candidate_votes(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: floa
 def assign_candidates(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: float,
                       ambiguous_share: tuple[float, float] = AMBIGUOUS_CORONARY_SHARE,
                       review: CandidateReview | PatchReview | None = None, pixel_area_mm2: float | None = None,
-                      spacing_mm: tuple[float, float, float] | None = None):
+                      spacing_mm: tuple[float, float, float] | None = None, scan_type: str | None = None):
     """Label each calcium candidate with its most probable class (summed over voxels),
     from the engine's logits ``[z, N_CLASSES, padded_height, padded_width]``. With a
-    ``review`` (needs ``pixel_area_mm2``; a ``PatchReview`` also ``spacing_mm``), the
-    small candidates it covers are coronary when its probability is at least 0.5, in
-    place of the network's share.
+    ``review`` (needs ``pixel_area_mm2``; a ``PatchReview`` also ``spacing_mm``, and
+    ``scan_type`` when it decides on some scan types only), the small candidates it
+    covers are coronary when its probability is at least 0.5, in place of the
+    network's share.
 
     Returns (labels, flipped_labels, n_candidates, n_coronary, n_ambiguous)."""
     candidates = candidate_votes(hu, logits, grid, threshold_hu)
@@ -155,6 +159,8 @@ def assign_candidates(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: fl
     coronary = votes[:, 1:].sum(axis=1) >= votes[:, 0]
     vessel = (votes[:, 1:].argmax(axis=1) + 1).astype(np.uint8)
     share = candidates.coronary_share
+    if hasattr(review, "decide") and not review.reviews(scan_type):
+        review = None  # a scan type the patch review does not decide on: the network's calls stand
     if hasattr(review, "decide"):  # a PatchReview looks at the scan itself
         area_mm2 = candidates.areas_mm2(pixel_area_mm2)
         chosen, probability = review.decide(hu, candidates, share, area_mm2, logits, grid, spacing_mm, threshold_hu)

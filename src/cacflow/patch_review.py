@@ -44,7 +44,18 @@ CONTEXT_PIXELS = 64
 CONTEXT_SPACING_MM = 2.25
 N_CONTEXT_CHANNELS = 3  # soft-tissue window, wide window (both smoothed to 2.25 mm), coarse coronary map
 N_SCALARS = 3  # share logit, log area (mm^2), log noise (HU)
+# The scan types of cacflow.qc. A review may decide on some only: the others keep the
+# network's decisions (where non-gated noise made the review call flecks coronary).
+SCAN_TYPES = ("gated", "nongated")
 _SHARE_CLIP = 1e-4
+
+
+def checked_scan_types(scan_types) -> tuple[str, ...]:
+    """``scan_types`` as a tuple in ``SCAN_TYPES`` order; refuses unknown or no types."""
+    unknown = set(scan_types) - set(SCAN_TYPES)
+    if unknown or not scan_types:
+        raise ValueError(f"scan types must be some of {SCAN_TYPES}, not {list(scan_types)}")
+    return tuple(t for t in SCAN_TYPES if t in scan_types)
 
 
 def coronary_probability_slice(logits_slice: np.ndarray) -> np.ndarray:
@@ -184,6 +195,21 @@ class PatchReview:
     network: PatchNet
     min_share: float = 0.01
     max_area_mm2: float = 5.0
+    scan_types: tuple[str, ...] = SCAN_TYPES  # the scans it decides on
+
+    def __post_init__(self):
+        self.scan_types = checked_scan_types(self.scan_types)
+
+    def reviews(self, scan_type: str | None) -> bool:
+        """Whether it decides on a scan of ``scan_type`` ("gated" / "nongated"). A review
+        limited to some types needs to be told the type: guessing could apply it where
+        it was never meant to decide."""
+        if set(self.scan_types) == set(SCAN_TYPES):
+            return True
+        if scan_type not in SCAN_TYPES:
+            raise ValueError(f"this patch review decides on {' and '.join(self.scan_types)} scans only; "
+                             f"pass the scan's type (one of {SCAN_TYPES}), not {scan_type!r}")
+        return scan_type in self.scan_types
 
     def decide(self, hu, candidates, share: np.ndarray, area_mm2: np.ndarray, logits, grid, spacing_mm,
                threshold_hu: float = 130.0):

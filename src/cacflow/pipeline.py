@@ -348,7 +348,7 @@ class Inferer:
         from cacflow.scoring import agatston_range
 
         started = time.perf_counter()
-        segmentation = self.segmenter.segment(volume.hu, volume.spacing_mm)
+        segmentation = self.segmenter.segment(volume.hu, volume.spacing_mm, scan_type=visit.get("scan_type"))
         stem = visit_file_stem(visit["participant_id"], visit["visit"])
         target = Path(labels_dir) / f"{stem}.labels.nii.gz"
         like = nib.load(visit["nifti_path"])

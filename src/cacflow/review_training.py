@@ -242,19 +242,21 @@ def fit_patch_network(patches: np.ndarray, scalars: np.ndarray, coronary: np.nda
 
 def fit_patch_review(model_dir: str | Path, work_dir: str | Path, counts: tuple[int, ...] = PATCH_REVIEW_PHANTOMS,
                      workers: int = 2, min_share: float = 0.01, max_area_mm2: float = 5.0, epochs: int = 30,
-                     context: bool = False):
+                     context: bool = False, scan_types: tuple[str, ...] = ("gated", "nongated")):
     """Fit the patch review for the model in ``model_dir`` and store it beside it
     (``patch_review.pt``, model.json ``patch_review``). Patches are cut into
     ``work_dir`` one phantom at a time (resumable), by the model's int8 engine, from
     ``counts`` phantoms of the ``PATCH_REVIEW_STREAMS``. It is fitted on candidates with
     a share of at least ``PATCH_FIT_MIN_SHARE`` and decides those with ``min_share``.
-    ``context``: the network also reads each candidate's wide view."""
+    ``context``: the network also reads each candidate's wide view. ``scan_types``: the
+    scan types it decides on (it is fitted on both; the others keep the network's calls)."""
     from multiprocessing import get_context
 
     import torch
 
-    from cacflow.patch_review import PatchReview
+    from cacflow.patch_review import PatchReview, checked_scan_types
 
+    scan_types = checked_scan_types(scan_types)
     model_dir, work_dir = Path(model_dir), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     if min_share < PATCH_FIT_MIN_SHARE:
@@ -281,9 +283,10 @@ def fit_patch_review(model_dir: str | Path, work_dir: str | Path, counts: tuple[
     info = json.loads(info_path.read_text())
     info["patch_review"] = {
         "weights": "patch_review.pt", "min_share": min_share, "max_area_mm2": max_area_mm2, "context": context,
+        "scan_types": list(scan_types),
         "fitted_on": {"streams": [{"seed": s, **o, "phantoms": n} for (s, o), n in zip(PATCH_REVIEW_STREAMS, counts)],
                       "fit_min_share": PATCH_FIT_MIN_SHARE, "candidates": int(len(coronary)),
                       "coronary_candidates": int(coronary.sum()), **fit},
     }
     atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
-    return PatchReview(network, min_share, max_area_mm2)
+    return PatchReview(network, min_share, max_area_mm2, scan_types)

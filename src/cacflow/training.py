@@ -121,6 +121,8 @@ class TrainingConfig:
     patch_review_min_share: float = 0.01
     # The patch review also reads a 144 mm wide view of each candidate's slice.
     patch_review_context: bool = False
+    # The scan types the patch review decides on; the others keep the network's calls.
+    patch_review_scan_types: tuple[str, ...] = ("gated", "nongated")
     # Then tune what the members trained into on phantoms with scattered blobs (and,
     # if the tune says so, perivascular ones; SHIPPED_NEGATIVES_TUNE is the shipped
     # model's); None: stop after the members (CalciumNet 0.3.0's recipe).
@@ -479,7 +481,7 @@ def train(config: TrainingConfig) -> dict:
 
         fit_patch_review(config.model_dir, Path(config.work_dir) / "patch_review", counts=tuple(config.patch_review_phantoms),
                          workers=config.workers, min_share=config.patch_review_min_share,
-                         context=config.patch_review_context)
+                         context=config.patch_review_context, scan_types=tuple(config.patch_review_scan_types))
         info = json.loads((Path(config.model_dir) / "model.json").read_text())
     return info
 
@@ -683,7 +685,8 @@ def training_record(config: TrainingConfig, ensemble: bool) -> dict:
     return {k: v for k, v in asdict(config).items()
             if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device", "dataset_dir",
                          "int8_calibration_phantoms", "negatives_tune", "review_phantoms",
-                         "patch_review_phantoms", "patch_review_min_share", "patch_review_context")
+                         "patch_review_phantoms", "patch_review_min_share", "patch_review_context",
+                                  "patch_review_scan_types")
             and not (ensemble and k in ("n_volumes", "steps"))
             and not (k in _RECORDED_WHEN_USED and not v)}
 
@@ -838,7 +841,8 @@ def _phantom_scorer(model_dir: str, workers: int, engine: str = "onnxruntime"):
     segmenter = CalciumSegmenter(create_engine(engine, model, threads=workers), review=model.candidate_review)
 
     def score(phantom):
-        segmentation = segmenter.segment(phantom.hu, phantom.spacing_mm)
+        scan_type = "gated" if phantom.metadata["gated"] else "nongated"
+        segmentation = segmenter.segment(phantom.hu, phantom.spacing_mm, scan_type=scan_type)
         where = {"z_positions_mm": phantom.z_positions_mm}
         result = score_volume(phantom.hu, segmentation.labels, phantom.spacing_mm, **where)
         return result, agatston_range(phantom.hu, segmentation.labels, segmentation.flipped_labels,

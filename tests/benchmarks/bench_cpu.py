@@ -72,7 +72,7 @@ def time_engine(engine: str, folders: list[str], repeats: int, queue, model_dir:
                 t = time.perf_counter()
                 volume = load_volume(visit["nifti_path"], visit.get("slice_thickness_mm"))
                 clock["load_nifti"] = time.perf_counter() - t
-                segmentation = inferer.segmenter.segment(volume.hu, volume.spacing_mm)
+                segmentation = inferer.segmenter.segment(volume.hu, volume.spacing_mm, scan_type=visit["scan_type"])
                 clock["infer_preprocess"] = segmentation.seconds_preprocess
                 clock["infer_engine"] = segmentation.seconds_engine
                 clock["infer_vote"] = segmentation.seconds_postprocess

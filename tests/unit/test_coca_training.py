@@ -139,6 +139,10 @@ def test_snakemake_train_fine_tunes_when_the_config_names_a_coca_root(tmp_path):
     widened = dry_run("training:\n  patch_review_phantoms: [240, 120, 160, 160]\n  patch_review_context: true\n")
     assert ("--patch-review-phantoms 240:120:160:160 --patch-review-min-share 0.01 --patch-review-context "
             "--device auto") in widened
+    gated_only = dry_run("training:\n  patch_review_phantoms: [240, 120, 160, 160]\n  patch_review_context: true\n"
+                         "  patch_review_scan_types: [gated]\n")
+    assert ("--patch-review-phantoms 240:120:160:160 --patch-review-min-share 0.01 --patch-review-context "
+            "--patch-review-scan-types gated --device auto") in gated_only
     # A mapping of one's own replaces the default whole: no perivascular blobs unless it says so.
     tuned = dry_run("training:\n  negatives_tune: {volumes: 800, steps: 9000, learning_rate: 0.0005}\n")
     assert ("--members 400:20000,800:30000 --negatives-tune 800:9000 --negatives-tune-learning-rate 0.0005 "

@@ -113,6 +113,31 @@ def test_patch_review_decides_small_candidates_and_leaves_large_ones_to_the_netw
     assert labels[0, 0, 0] == 2
 
 
+def test_a_review_for_gated_scans_leaves_non_gated_ones_to_the_network():
+    # A 0.5 mm^2 speck the network calls LAD; a review sure it is not coronary.
+    hu = np.full((1, 16, 16), 40.0, dtype=np.float32)
+    hu[0, 0, 0:2] = 300.0
+    grid = CoarseGrid.for_shape(16, 16, 0.5, 0.5)
+    logits = as_logits(one_hot_probabilities(grid, 1, {(0, r, c): 2 for r in range(6) for c in range(6)}))
+    gated_only = _constant_review(-20.0)
+    gated_only.scan_types = ("gated",)
+
+    def speck_label(scan_type, review=gated_only):
+        labels, *_ = assign_candidates(hu, logits, grid, 130.0, review=review, pixel_area_mm2=0.25,
+                                       spacing_mm=(3.0, 0.5, 0.5), scan_type=scan_type)
+        return labels[0, 0, 0]
+
+    assert speck_label("gated") == 0  # the review decides: not coronary
+    assert speck_label("nongated") == 2  # the network's call stands
+    assert speck_label("nongated", review=_constant_review(-20.0)) == 0  # a review for both decides here too
+    assert speck_label(None, review=_constant_review(-20.0)) == 0
+    with pytest.raises(ValueError, match="gated scans only"):
+        speck_label(None)  # never guessed
+    with pytest.raises(ValueError, match="scan types"):
+        PatchReview(PatchNet(), scan_types=("gated", "cta"))
+    assert PatchReview(PatchNet(), scan_types=["nongated", "gated"]).scan_types == ("gated", "nongated")
+
+
 def test_patch_network_learns_a_pattern_it_can_see():
     """Every patch holds the same bright speck; only the coronary ones lie where the
     coarse map (channel 6) says coronary: a fit that works tells them apart on
@@ -168,17 +193,19 @@ def test_fit_patch_review_stores_a_review_the_model_loads_and_resumes(tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(ModelFiles.packaged().directory, model_dir)
     work = tmp_path / "patches"
-    fit_patch_review(model_dir, work, counts=(2, 1, 1), workers=1, epochs=1, context=True)
+    fit_patch_review(model_dir, work, counts=(2, 1, 1), workers=1, epochs=1, context=True, scan_types=("gated",))
     record = ModelFiles(model_dir).info["patch_review"]
     assert record["fitted_on"]["candidates"] > record["fitted_on"]["coronary_candidates"] > 0
     review = ModelFiles(model_dir).candidate_review
     assert isinstance(review, PatchReview) and review.network.has_context and record["context"]
+    assert record["scan_types"] == ["gated"] and review.scan_types == ("gated",)
     cut = sorted(work.glob("*.npz"))
     assert [p.name for p in cut] == ["61000001_0000.npz", "61000001_0001.npz", "61000002_0000.npz", "61000003_0000.npz"]
     before = {p: p.stat().st_mtime_ns for p in cut}
     fit_patch_review(model_dir, work, counts=(2, 1, 1), workers=1, epochs=1)
     assert {p: p.stat().st_mtime_ns for p in cut} == before  # patches already cut are not cut again
     assert not ModelFiles(model_dir).candidate_review.network.has_context
+    assert ModelFiles(model_dir).candidate_review.scan_types == ("gated", "nongated")
 
 
 @pytest.mark.parametrize("counts", ["240:120", "1:2:-1", "a:b:c", "1:2:3:4:5"])
@@ -188,6 +215,27 @@ def test_cli_refuses_patch_review_phantoms_that_are_not_three_counts(tmp_path, c
     with pytest.raises(SystemExit):
         cli.main(["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m"),
                   "--patch-review-phantoms", counts])
+
+
+@pytest.mark.parametrize("scan_types", ["cta", "gated,chest", ""])
+def test_cli_refuses_unknown_patch_review_scan_types(tmp_path, scan_types):
+    from cacflow import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m"),
+                  "--patch-review-scan-types", scan_types])
+
+
+def test_cli_reads_patch_review_scan_types(tmp_path):
+    from cacflow.cli import build_parser
+
+    def parsed(*extra):
+        return build_parser().parse_args(["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m"),
+                                         *extra]).patch_review_scan_types
+
+    assert parsed() == ("gated", "nongated")
+    assert parsed("--patch-review-scan-types", "gated") == ("gated",)
+    assert parsed("--patch-review-scan-types", "nongated, gated") == ("gated", "nongated")
 
 
 def test_fit_refuses_to_decide_shares_it_was_not_fitted_on(tmp_path):

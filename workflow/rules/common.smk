@@ -120,4 +120,7 @@ def training_arguments():
             ":".join(str(n) for n in patch_counts), training.get("patch_review_min_share", 0.01))
         if training.get("patch_review_context", False):
             review += " --patch-review-context"
+        scan_types = training.get("patch_review_scan_types", ["gated", "nongated"])
+        if sorted(scan_types) != ["gated", "nongated"]:
+            review += " --patch-review-scan-types " + ",".join(scan_types)
     return f"--work-dir results/training {f'--members {members} ' if members else ''}{tune} {review} {device}"

@@ -87,6 +87,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch-review-context", action="store_true",
                         help="the patch review also reads a 144 mm wide view of each candidate's slice, with the "
                              "chest wall, airways and heart around it (the ninth candidate, docs/evaluation.md)")
+    parser.add_argument("--patch-review-scan-types", type=_scan_types, default=("gated", "nongated"),
+                        metavar="TYPE[,TYPE]",
+                        help="the scan types the patch review decides on: gated, nongated or both (default "
+                             "gated,nongated); on the others the network's calls stand (the eleventh candidate: "
+                             "gated)")
+
+
+def _scan_types(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated scan types (cacflow.patch_review.SCAN_TYPES)."""
+    from cacflow.patch_review import checked_scan_types
+
+    try:
+        return checked_scan_types([t.strip() for t in text.split(",") if t.strip()])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _integer_from(minimum: int, expected: str):
@@ -180,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         review_phantoms=(0, 0) if args.coca_root else args.review_phantoms,
         patch_review_phantoms=(0, 0, 0) if args.coca_root else args.patch_review_phantoms,
         patch_review_min_share=args.patch_review_min_share, patch_review_context=args.patch_review_context,
+        patch_review_scan_types=args.patch_review_scan_types,
     )
     tune = args.negatives_tune  # None: not given
     modifiers = (args.negatives_tune_perivascular or args.negatives_tune_specks
