@@ -145,7 +145,7 @@ DEFINITIONS: dict[str, str] = {
     "Provenance": (
         "Every scored value carries what produced it: pipeline_version (the cacflow "
         "release), model_version and model_sha256 (the segmentation weights; the hash "
-        "identifies the exact file), engine (see Engine), settings_hash (a hash of all "
+        "identifies the exact files, with any second-look review they carry), engine (see Engine), settings_hash (a hash of all "
         "settings that change selection, QC or scores), shard (the processing batch) "
         "and processed_at (UTC time of scoring). Rows that agree on pipeline_version, "
         "model_sha256, engine and settings_hash were produced by the same code, weights, "

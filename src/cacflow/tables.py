@@ -277,7 +277,8 @@ SCANS: list[Column] = [
     _c("model_version", _STR, "", "Version of the segmentation model. See Definitions: Provenance."),
     _c(
         "model_sha256", _STR, "",
-        "SHA-256 of the model weights file used. See Definitions: Provenance.",
+        "SHA-256 of the model used: its network weights file, with its candidate review when it has one. "
+        "See Definitions: Provenance.",
     ),
     _c(
         "pipeline_version", _STR, "",
@@ -459,7 +460,8 @@ RUNS: list[Column] = [
     _c("finished_at", UTC_TIMESTAMP, "UTC", "When the update finished (UTC)."),
     _c("pipeline_version", _STR, "", "cacflow version of the update."),
     _c("model_version", _STR, "", "Segmentation model version of the update."),
-    _c("model_sha256", _STR, "", "SHA-256 of the model weights file."),
+    _c("model_sha256", _STR, "", "SHA-256 of the model: its network weights file, with its candidate review "
+       "when it has one."),
     _c("engine", _STR, "", "Inference engine used, '<runtime>-<device>-<precision>'."),
     _c("settings_hash", _STR, "", "Hash of the scoring and selection settings."),
     _c("n_scans", _I32, "", "Rows in the scans table after the update.", min_value=0),

@@ -217,6 +217,30 @@ def test_cli_refuses_patch_review_phantoms_that_are_not_three_counts(tmp_path, c
                   "--patch-review-phantoms", counts])
 
 
+def test_the_model_hash_covers_its_patch_review(tmp_path):
+    import json
+    import shutil
+
+    from cacflow.model.engines import ModelFiles, file_sha256
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(ModelFiles.packaged().directory, model_dir)
+    alone = ModelFiles(model_dir).sha256
+    assert alone == file_sha256(model_dir / "calciumnet.pt")  # a model without a review: the weights file's hash
+    torch.manual_seed(0)
+    torch.save(PatchNet().state_dict(), model_dir / "patch_review.pt")
+    info = json.loads((model_dir / "model.json").read_text())
+    info["patch_review"] = {"weights": "patch_review.pt", "min_share": 0.01, "max_area_mm2": 5.0, "scan_types": ["gated"]}
+    (model_dir / "model.json").write_text(json.dumps(info))
+    with_review = ModelFiles(model_dir)
+    assert with_review.sha256 != alone and with_review.network_sha256 == alone
+    info["patch_review"]["scan_types"] = ["gated", "nongated"]  # the same weights deciding elsewhere
+    (model_dir / "model.json").write_text(json.dumps(info))
+    assert ModelFiles(model_dir).sha256 not in (alone, with_review.sha256)
+    torch.save(PatchNet().state_dict(), model_dir / "patch_review.pt")  # other review weights
+    assert len({ModelFiles(model_dir).sha256, with_review.sha256, alone}) == 3
+
+
 @pytest.mark.parametrize("scan_types", ["cta", "gated,chest", ""])
 def test_cli_refuses_unknown_patch_review_scan_types(tmp_path, scan_types):
     from cacflow import cli

@@ -161,7 +161,21 @@ class ModelFiles:
 
     @cached_property
     def sha256(self) -> str:
-        """Hash of the weights: provenance for every result row."""
+        """Hash of everything that decides a call: provenance for every result row. The
+        network's weights file, and with a candidate review also its record and weights,
+        so that two models sharing a network but not a review never share a hash."""
+        parts = [self.network_sha256]
+        for key in ("patch_review", "candidate_review"):
+            record = self.info.get(key)
+            if record:
+                parts.append(json.dumps(record, sort_keys=True))
+                if "weights" in record:
+                    parts.append(file_sha256(self.directory / record["weights"]))
+        return parts[0] if len(parts) == 1 else hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+    @property
+    def network_sha256(self) -> str:
+        """Hash of the network's weights file alone (what a TensorRT engine is built from)."""
         return file_sha256(self.torch_path)
 
     def build_network(self):

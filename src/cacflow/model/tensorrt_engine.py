@@ -121,7 +121,7 @@ class TensorRTEngine(Engine):
         self.profile = profile or ShapeProfile()
         cache_dir = Path(cache_dir or default_cache_dir())
         capability = torch.cuda.get_device_capability()
-        key = engine_cache_key(model.sha256, trt.__version__, capability, self.profile, self.precision)
+        key = engine_cache_key(model.network_sha256, trt.__version__, capability, self.profile, self.precision)
         self.cache_key = key
         logger = trt.Logger(trt.Logger.WARNING)
         serialized = cached_build(cache_dir, key, lambda: self._build(model, cache_dir, key, logger))
