@@ -34,6 +34,7 @@ from scipy import ndimage
 from torch import nn
 
 from cacflow.candidate_review import candidates_to_review, scan_noise_hu
+from cacflow.tables import SCAN_TYPE_VALUES
 
 PATCH_PIXELS = 64
 PATCH_SPACING_MM = 0.6
@@ -44,18 +45,15 @@ CONTEXT_PIXELS = 64
 CONTEXT_SPACING_MM = 2.25
 N_CONTEXT_CHANNELS = 3  # soft-tissue window, wide window (both smoothed to 2.25 mm), coarse coronary map
 N_SCALARS = 3  # share logit, log area (mm^2), log noise (HU)
-# The scan types of cacflow.qc. A review may decide on some only: the others keep the
-# network's decisions (where non-gated noise made the review call flecks coronary).
-SCAN_TYPES = ("gated", "nongated")
 _SHARE_CLIP = 1e-4
 
 
 def checked_scan_types(scan_types) -> tuple[str, ...]:
-    """``scan_types`` as a tuple in ``SCAN_TYPES`` order; refuses unknown or no types."""
-    unknown = set(scan_types) - set(SCAN_TYPES)
+    """``scan_types`` as a tuple in ``SCAN_TYPE_VALUES`` order; refuses unknown or no types."""
+    unknown = set(scan_types) - set(SCAN_TYPE_VALUES)
     if unknown or not scan_types:
-        raise ValueError(f"scan types must be some of {SCAN_TYPES}, not {list(scan_types)}")
-    return tuple(t for t in SCAN_TYPES if t in scan_types)
+        raise ValueError(f"scan types must be some of {SCAN_TYPE_VALUES}, not {list(scan_types)}")
+    return tuple(t for t in SCAN_TYPE_VALUES if t in scan_types)
 
 
 def coronary_probability_slice(logits_slice: np.ndarray) -> np.ndarray:
@@ -195,7 +193,9 @@ class PatchReview:
     network: PatchNet
     min_share: float = 0.01
     max_area_mm2: float = 5.0
-    scan_types: tuple[str, ...] = SCAN_TYPES  # the scans it decides on
+    # The scan types (cacflow.qc) it decides on; on the others the network's calls
+    # stand (where non-gated noise made the review call flecks coronary).
+    scan_types: tuple[str, ...] = SCAN_TYPE_VALUES
 
     def __post_init__(self):
         self.scan_types = checked_scan_types(self.scan_types)
@@ -204,11 +204,11 @@ class PatchReview:
         """Whether it decides on a scan of ``scan_type`` ("gated" / "nongated"). A review
         limited to some types needs to be told the type: guessing could apply it where
         it was never meant to decide."""
-        if set(self.scan_types) == set(SCAN_TYPES):
+        if set(self.scan_types) == set(SCAN_TYPE_VALUES):
             return True
-        if scan_type not in SCAN_TYPES:
+        if scan_type not in SCAN_TYPE_VALUES:
             raise ValueError(f"this patch review decides on {' and '.join(self.scan_types)} scans only; "
-                             f"pass the scan's type (one of {SCAN_TYPES}), not {scan_type!r}")
+                             f"pass the scan's type (one of {SCAN_TYPE_VALUES}), not {scan_type!r}")
         return scan_type in self.scan_types
 
     def decide(self, hu, candidates, share: np.ndarray, area_mm2: np.ndarray, logits, grid, spacing_mm,

@@ -216,6 +216,11 @@ _NO_CONTRAST_TEXT = re.compile(
 )
 
 
+def scan_type_of(gated: bool) -> str:
+    """The scan type recorded with each result: "gated" or "nongated" chest CT."""
+    return "gated" if gated else "nongated"
+
+
 def qc_series(record: SeriesRecord, settings: QCSettings = DEFAULT_SETTINGS) -> SeriesQC:
     """Run every check on one series.
 
@@ -224,7 +229,7 @@ def qc_series(record: SeriesRecord, settings: QCSettings = DEFAULT_SETTINGS) -> 
     a scout would only bury the reason that matters.
     """
     gating = infer_gating(record)
-    scan_type = "gated" if gating.gated else "nongated"
+    scan_type = scan_type_of(gating.gated)
     identity = [*_check_modality(record), *_check_image_type(record)]
     if any(c.status == FAIL for c in identity):
         return SeriesQC(record.series_uid, [c for c in identity if c.status == FAIL], gating, scan_type)

@@ -686,7 +686,7 @@ def training_record(config: TrainingConfig, ensemble: bool) -> dict:
             if k not in ("work_dir", "model_dir", "coca_root", "init_weights", "device", "dataset_dir",
                          "int8_calibration_phantoms", "negatives_tune", "review_phantoms",
                          "patch_review_phantoms", "patch_review_min_share", "patch_review_context",
-                                  "patch_review_scan_types")
+                         "patch_review_scan_types")
             and not (ensemble and k in ("n_volumes", "steps"))
             and not (k in _RECORDED_WHEN_USED and not v)}
 
@@ -835,14 +835,14 @@ def _phantom_scorer(model_dir: str, workers: int, engine: str = "onnxruntime"):
     ``onnxruntime-fp32``."""
     from cacflow.inference import CalciumSegmenter
     from cacflow.model.engines import ModelFiles, create_engine
+    from cacflow.qc import scan_type_of
     from cacflow.scoring import agatston_range, score_volume
 
     model = ModelFiles(Path(model_dir))
     segmenter = CalciumSegmenter(create_engine(engine, model, threads=workers), review=model.candidate_review)
 
     def score(phantom):
-        scan_type = "gated" if phantom.metadata["gated"] else "nongated"
-        segmentation = segmenter.segment(phantom.hu, phantom.spacing_mm, scan_type=scan_type)
+        segmentation = segmenter.segment(phantom.hu, phantom.spacing_mm, scan_type=scan_type_of(phantom.metadata["gated"]))
         where = {"z_positions_mm": phantom.z_positions_mm}
         result = score_volume(phantom.hu, segmentation.labels, phantom.spacing_mm, **where)
         return result, agatston_range(phantom.hu, segmentation.labels, segmentation.flipped_labels,

@@ -88,13 +88,13 @@ def test_a_review_with_a_wide_view_reads_it_and_refuses_to_run_without():
     assert not PatchNet().has_context and network.has_context
 
 
-def _constant_review(logit: float, context: bool = False) -> PatchReview:
+def _constant_review(logit: float, context: bool = False, scan_types=("gated", "nongated")) -> PatchReview:
     network = PatchNet(context=context)
     with torch.no_grad():
         for parameter in network.head[-1].parameters():
             parameter.zero_()
         network.head[-1].bias.fill_(logit)
-    return PatchReview(network, min_share=0.01, max_area_mm2=5.0)
+    return PatchReview(network, min_share=0.01, max_area_mm2=5.0, scan_types=scan_types)
 
 
 @pytest.mark.parametrize("context", [False, True], ids=["patch", "patch-and-wide-view"])
@@ -119,8 +119,7 @@ def test_a_review_for_gated_scans_leaves_non_gated_ones_to_the_network():
     hu[0, 0, 0:2] = 300.0
     grid = CoarseGrid.for_shape(16, 16, 0.5, 0.5)
     logits = as_logits(one_hot_probabilities(grid, 1, {(0, r, c): 2 for r in range(6) for c in range(6)}))
-    gated_only = _constant_review(-20.0)
-    gated_only.scan_types = ("gated",)
+    gated_only = _constant_review(-20.0, scan_types=("gated",))
 
     def speck_label(scan_type, review=gated_only):
         labels, *_ = assign_candidates(hu, logits, grid, 130.0, review=review, pixel_area_mm2=0.25,

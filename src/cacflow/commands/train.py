@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _scan_types(text: str) -> tuple[str, ...]:
-    """An argparse type: comma-separated scan types (cacflow.patch_review.SCAN_TYPES)."""
+    """An argparse type: comma-separated scan types (cacflow.tables.SCAN_TYPE_VALUES)."""
     from cacflow.patch_review import checked_scan_types
 
     try:

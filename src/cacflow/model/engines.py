@@ -126,13 +126,14 @@ class ModelFiles:
         if "patch_review" in self.info:
             import torch
 
-            from cacflow.patch_review import SCAN_TYPES, PatchNet, PatchReview
+            from cacflow.patch_review import PatchNet, PatchReview
+            from cacflow.tables import SCAN_TYPE_VALUES
 
             record = self.info["patch_review"]
             network = PatchNet(context=bool(record.get("context", False)))
             network.load_state_dict(torch.load(self.directory / record["weights"], map_location="cpu"))
             return PatchReview(network, float(record["min_share"]), float(record["max_area_mm2"]),
-                               tuple(record.get("scan_types", SCAN_TYPES)))
+                               tuple(record.get("scan_types", SCAN_TYPE_VALUES)))
         record = self.info.get("candidate_review")
         return CandidateReview.from_dict(record) if record else None
 
