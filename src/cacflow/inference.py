@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -60,11 +60,20 @@ class CalciumSegmenter:
     """Holds one engine; call ``segment`` for each scan."""
 
     def __init__(self, engine: Engine, threshold_hu: float = 130.0, batch_slices: int = BATCH_SLICES,
-                 review: CandidateReview | PatchReview | None = None):
+                 review: CandidateReview | PatchReview | None = None,
+                 revote_shifts: tuple[tuple[float, float], ...] = ()):
         self.engine = engine
         self.threshold_hu = threshold_hu
         self.batch_slices = batch_slices
         self.review = review  # the model's second look at small candidates (cacflow.candidate_review)
+        self.revote_shifts = tuple(revote_shifts)  # grids unsure candidates are voted on again (cacflow.revote)
+
+    @classmethod
+    def for_model(cls, engine: Engine, model, threshold_hu: float = 130.0) -> "CalciumSegmenter":
+        """The segmenter a model folder (``ModelFiles``) asks for: its review, if any, and
+        its shifted-grid re-vote, if any."""
+        return cls(engine, threshold_hu=threshold_hu, review=model.candidate_review,
+                   revote_shifts=model.unsure_revote_shifts)
 
     def segment(self, hu: np.ndarray, spacing_mm: tuple[float, float, float],
                 scan_type: str | None = None) -> Segmentation:
@@ -75,9 +84,16 @@ class CalciumSegmenter:
         t1 = time.perf_counter()
         logits = engine_logits(self.engine, inputs, self.batch_slices)
         t2 = time.perf_counter()
+        revote = None
+        if self.revote_shifts:
+            from cacflow.revote import revoted_votes
+
+            def revote(candidates, chosen):
+                return revoted_votes(hu, spacing_mm, candidates, chosen, self.engine, self.revote_shifts,
+                                     self.threshold_hu, self.batch_slices)
         labels, flipped, n_candidates, n_coronary, n_ambiguous = assign_candidates(
             hu, logits, grid, self.threshold_hu, review=self.review, pixel_area_mm2=spacing_mm[1] * spacing_mm[2],
-            spacing_mm=spacing_mm, scan_type=scan_type)
+            spacing_mm=spacing_mm, scan_type=scan_type, revote=revote)
         t3 = time.perf_counter()
         return Segmentation(labels, flipped, n_candidates, n_coronary, n_ambiguous, t1 - t0, t2 - t1, t3 - t2)
 
@@ -138,9 +154,13 @@ def candidate_votes(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: floa
 def assign_candidates(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: float,
                       ambiguous_share: tuple[float, float] = AMBIGUOUS_CORONARY_SHARE,
                       review: CandidateReview | PatchReview | None = None, pixel_area_mm2: float | None = None,
-                      spacing_mm: tuple[float, float, float] | None = None, scan_type: str | None = None):
+                      spacing_mm: tuple[float, float, float] | None = None, scan_type: str | None = None,
+                      revote=None):
     """Label each calcium candidate with its most probable class (summed over voxels),
-    from the engine's logits ``[z, N_CLASSES, padded_height, padded_width]``. With a
+    from the engine's logits ``[z, N_CLASSES, padded_height, padded_width]``. With
+    ``revote`` (candidates, component numbers -> their summed probabilities;
+    ``cacflow.revote``), the candidates whose share lies in ``ambiguous_share`` are
+    voted again and decided, and flagged, by the new vote. With a
     ``review`` (needs ``pixel_area_mm2``; a ``PatchReview`` also ``spacing_mm``, and
     ``scan_type`` when it decides on some scan types only), the small candidates it
     covers are coronary when its probability is at least 0.5, in place of the
@@ -151,6 +171,14 @@ def assign_candidates(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: fl
     labels = np.zeros(hu.shape, dtype=np.uint8)
     if candidates.count == 0:
         return labels, labels.copy(), 0, 0, 0
+    if revote is not None:
+        share = candidates.coronary_share
+        unsure = np.flatnonzero((share >= ambiguous_share[0]) & (share < ambiguous_share[1]))
+        unsure = unsure[unsure > 0]
+        if len(unsure):
+            votes = candidates.votes.copy()
+            votes[unsure] = revote(candidates, unsure)
+            candidates = replace(candidates, votes=votes)
     votes = candidates.votes
     # First coronary or not (the vessels' probabilities summed), then which vessel:
     # a candidate split between two arteries is still coronary. On generated

@@ -334,8 +334,8 @@ class Inferer:
         self.settings = settings
         self.model = ModelFiles.chosen(settings.get("model"))
         self.engine = create_engine(engine_kind, self.model)
-        self.segmenter = CalciumSegmenter(self.engine, threshold_hu=float(settings["scoring"]["threshold_hu"]),
-                                          review=self.model.candidate_review)
+        self.segmenter = CalciumSegmenter.for_model(self.engine, self.model,
+                                                    threshold_hu=float(settings["scoring"]["threshold_hu"]))
         log.info("engine %s, model %s (sha256 %s)", self.engine.label, self.model.version, self.model.sha256[:12])
 
     def provenance(self) -> dict:

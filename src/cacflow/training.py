@@ -839,7 +839,7 @@ def _phantom_scorer(model_dir: str, workers: int, engine: str = "onnxruntime"):
     from cacflow.scoring import agatston_range, score_volume
 
     model = ModelFiles(Path(model_dir))
-    segmenter = CalciumSegmenter(create_engine(engine, model, threads=workers), review=model.candidate_review)
+    segmenter = CalciumSegmenter.for_model(create_engine(engine, model, threads=workers), model)
 
     def score(phantom):
         segmentation = segmenter.segment(phantom.hu, phantom.spacing_mm, scan_type=scan_type_of(phantom.metadata["gated"]))

@@ -138,6 +138,14 @@ class ModelFiles:
         return CandidateReview.from_dict(record) if record else None
 
     @property
+    def unsure_revote_shifts(self) -> tuple[tuple[float, float], ...]:
+        """Grid shifts (rows, columns; fractions of a coarse cell) on which unsure
+        candidates are voted again (``cacflow.revote``; model.json ``unsure_revote``),
+        or () for a model that decides on the normal grid alone."""
+        record = self.info.get("unsure_revote") or {}
+        return tuple((float(row), float(col)) for row, col in record.get("grid_shifts", ()))
+
+    @property
     def ensemble_size(self) -> int:
         """CalciumNets whose probabilities the model averages (1: a single network)."""
         return int(self.info.get("ensemble_size", 1))
@@ -163,10 +171,11 @@ class ModelFiles:
     @cached_property
     def sha256(self) -> str:
         """Hash of everything that decides a call: provenance for every result row. The
-        network's weights file, and with a candidate review also its record and weights,
-        so that two models sharing a network but not a review never share a hash."""
+        network's weights file, and with a candidate review or a re-vote also its record
+        (and a review's weights), so that two models sharing a network but not the way
+        they decide never share a hash."""
         parts = [self.network_sha256]
-        for key in ("patch_review", "candidate_review"):
+        for key in ("patch_review", "candidate_review", "unsure_revote"):
             record = self.info.get(key)
             if record:
                 parts.append(json.dumps(record, sort_keys=True))

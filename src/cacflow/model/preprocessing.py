@@ -39,11 +39,15 @@ class CoarseGrid:
     padded_width: int
 
     @classmethod
-    def for_shape(cls, rows: int, cols: int, row_mm: float, col_mm: float) -> "CoarseGrid":
+    def for_shape(cls, rows: int, cols: int, row_mm: float, col_mm: float,
+                  shift_cells: tuple[float, float] = (0.0, 0.0)) -> "CoarseGrid":
+        """``shift_cells`` (rows, columns; each in [0, 1)) moves the cell boundaries by
+        that fraction of a cell: the grid ``cacflow.revote`` looks again through. A
+        shifted grid has one more, partial, cell at the start of a shifted axis."""
         height = max(1, int(round(rows * row_mm / TARGET_SPACING_MM)))
         width = max(1, int(round(cols * col_mm / TARGET_SPACING_MM)))
-        row_index = np.minimum((np.arange(rows) + 0.5) * height / rows, height - 1).astype(np.int64)
-        col_index = np.minimum((np.arange(cols) + 0.5) * width / cols, width - 1).astype(np.int64)
+        row_index, height = _coarse_index(rows, height, shift_cells[0])
+        col_index, width = _coarse_index(cols, width, shift_cells[1])
         pad = lambda n: -(-n // SIZE_MULTIPLE) * SIZE_MULTIPLE  # noqa: E731 - round up
         return cls(row_index, col_index, height, width, pad(height), pad(width))
 
@@ -64,9 +68,20 @@ class CoarseGrid:
         return out.reshape(n_slices, self.padded_height, self.padded_width)
 
 
-def network_inputs(hu: np.ndarray, spacing_mm: tuple[float, float, float], threshold_hu: float = 130.0):
-    """Return (inputs float32 [z, C, H, W], grid) for a canonical HU volume."""
-    grid = CoarseGrid.for_shape(hu.shape[1], hu.shape[2], spacing_mm[1], spacing_mm[2])
+def _coarse_index(pixels: int, cells: int, shift: float) -> tuple[np.ndarray, int]:
+    """(coarse cell of each full-resolution pixel, cells covered) along one axis."""
+    if not 0.0 <= shift < 1.0:
+        raise ValueError(f"a grid shift is a fraction of a cell in [0, 1), not {shift}")
+    covered = cells + (1 if shift > 0 else 0)
+    index = np.floor((np.arange(pixels) + 0.5) * cells / pixels + shift).astype(np.int64)
+    return np.minimum(index, covered - 1), covered
+
+
+def network_inputs(hu: np.ndarray, spacing_mm: tuple[float, float, float], threshold_hu: float = 130.0,
+                   shift_cells: tuple[float, float] = (0.0, 0.0)):
+    """Return (inputs float32 [z, C, H, W], grid) for a canonical HU volume, on the
+    normal grid or one shifted by ``shift_cells`` (``CoarseGrid.for_shape``)."""
+    grid = CoarseGrid.for_shape(hu.shape[1], hu.shape[2], spacing_mm[1], spacing_mm[2], shift_cells)
     hu = hu.astype(np.float32, copy=False)
     # One full-resolution scratch volume for the four windowed copies, rather than a
     # fresh array (and its page faults) for each.
