@@ -61,26 +61,27 @@ class CalciumSegmenter:
 
     def __init__(self, engine: Engine, threshold_hu: float = 130.0, batch_slices: int = BATCH_SLICES,
                  review: CandidateReview | PatchReview | None = None,
-                 revote_shifts: tuple[tuple[float, float], ...] = ()):
+                 revote_shifts: tuple[tuple[float, float], ...] = (), input_set: str = "standard"):
         self.engine = engine
         self.threshold_hu = threshold_hu
         self.batch_slices = batch_slices
         self.review = review  # the model's second look at small candidates (cacflow.candidate_review)
         self.revote_shifts = tuple(revote_shifts)  # grids unsure candidates are voted on again (cacflow.revote)
+        self.input_set = input_set  # the channels the network was trained on (model.json input_set)
 
     @classmethod
     def for_model(cls, engine: Engine, model, threshold_hu: float = 130.0) -> "CalciumSegmenter":
         """The segmenter a model folder (``ModelFiles``) asks for: its review, if any, and
-        its shifted-grid re-vote, if any."""
+        its shifted-grid re-vote, if any, on the input channels it was trained on."""
         return cls(engine, threshold_hu=threshold_hu, review=model.candidate_review,
-                   revote_shifts=model.unsure_revote_shifts)
+                   revote_shifts=model.unsure_revote_shifts, input_set=model.input_set)
 
     def segment(self, hu: np.ndarray, spacing_mm: tuple[float, float, float],
                 scan_type: str | None = None) -> Segmentation:
         """``scan_type`` ("gated" / "nongated", cacflow.qc) is needed only by a review
         that decides on some scan types alone."""
         t0 = time.perf_counter()
-        inputs, grid = network_inputs(hu, spacing_mm, self.threshold_hu)
+        inputs, grid = network_inputs(hu, spacing_mm, self.threshold_hu, input_set=self.input_set)
         t1 = time.perf_counter()
         logits = engine_logits(self.engine, inputs, self.batch_slices)
         t2 = time.perf_counter()
@@ -90,7 +91,7 @@ class CalciumSegmenter:
 
             def revote(candidates, chosen):
                 return revoted_votes(hu, spacing_mm, candidates, chosen, self.engine, self.revote_shifts,
-                                     self.threshold_hu, self.batch_slices)
+                                     self.threshold_hu, self.batch_slices, self.input_set)
         labels, flipped, n_candidates, n_coronary, n_ambiguous = assign_candidates(
             hu, logits, grid, self.threshold_hu, review=self.review, pixel_area_mm2=spacing_mm[1] * spacing_mm[2],
             spacing_mm=spacing_mm, scan_type=scan_type, revote=revote)

@@ -37,19 +37,20 @@ def slice_runs(slices: np.ndarray, n_slices: int) -> list[tuple[int, int]]:
 
 
 def shifted_inputs(hu: np.ndarray, spacing_mm, slices: np.ndarray, threshold_hu: float,
-                   shift_cells: tuple[float, float]):
+                   shift_cells: tuple[float, float], input_set: str = "standard"):
     """(network inputs [len(slices), C, H, W] of ``slices`` on the shifted grid, the
     grid): the same channels as the whole volume's (``network_inputs``) would hold."""
     pieces, grid = [], None
     for start, stop in slice_runs(slices, hu.shape[0]):
-        inputs, grid = network_inputs(hu[start:stop], spacing_mm, threshold_hu, shift_cells)
+        inputs, grid = network_inputs(hu[start:stop], spacing_mm, threshold_hu, shift_cells, input_set)
         wanted = slices[(slices >= start) & (slices < stop)]
         pieces.append(inputs[wanted - start])
     return np.concatenate(pieces), grid
 
 
 def revoted_votes(hu: np.ndarray, spacing_mm, candidates: CandidateVotes, chosen: np.ndarray, engine,
-                  shifts: tuple[tuple[float, float], ...], threshold_hu: float, batch_slices: int) -> np.ndarray:
+                  shifts: tuple[tuple[float, float], ...], threshold_hu: float, batch_slices: int,
+                  input_set: str = "standard") -> np.ndarray:
     """Summed class probabilities [len(chosen), N_CLASSES] of the ``chosen`` components,
     averaged over the normal grid (``candidates.votes``) and each grid of ``shifts``."""
     if len(chosen) == 0 or not shifts:
@@ -63,7 +64,7 @@ def revoted_votes(hu: np.ndarray, spacing_mm, candidates: CandidateVotes, chosen
     slices = np.unique(z)
     total = candidates.votes[chosen].astype(np.float64)
     for shift in shifts:
-        inputs, grid = shifted_inputs(hu, spacing_mm, slices, threshold_hu, shift)
+        inputs, grid = shifted_inputs(hu, spacing_mm, slices, threshold_hu, shift, input_set)
         logits = engine_logits(engine, inputs, batch_slices)
         probabilities = calcium_cell_probabilities(logits, grid, np.searchsorted(slices, z), y, x)
         total += np.stack([np.bincount(rows, weights=probabilities[:, c], minlength=len(chosen))

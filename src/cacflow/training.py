@@ -47,8 +47,8 @@ from cacflow.model.engines import file_sha256
 from cacflow.model.quantization import CALIBRATION_PHANTOMS
 from cacflow.model.preprocessing import (
     IGNORE_INDEX,
-    N_INPUT_CHANNELS,
     TARGET_SPACING_MM,
+    input_channels,
     network_inputs,
     network_targets,
 )
@@ -106,6 +106,10 @@ class TrainingConfig:
     # ... and 1-3 extra faint, tiny coronary plaques at the edge of what a scan shows
     # (PhantomSettings.speck_lesions): positives the risk mix holds in a few scans only.
     speck_lesions: bool = False
+    # The network's input channels (cacflow.model.preprocessing.INPUT_SETS): "standard"
+    # (the shipped model's) or "subcell" (also each quarter pixel's calcium fraction).
+    # Starting weights with fewer input channels get zero weights for the new ones.
+    input_set: str = "standard"
     # Phantoms that calibrate the int8 copy of the graph for the CPU engine
     # (cacflow.model.quantization); 0 writes none (that engine then runs the float graph).
     int8_calibration_phantoms: int = CALIBRATION_PHANTOMS
@@ -256,11 +260,12 @@ def training_phantom(seed: int, index: int, acquisition: str = "standard", scatt
 
 
 def _build_one(args) -> dict:
-    index, stream, out_dir = args
+    index, recipe, out_dir = args
     from scipy import ndimage
 
+    stream = {key: value for key, value in recipe.items() if key != "input_set"}
     phantom = training_phantom(index=index, **stream)
-    inputs, grid = network_inputs(phantom.hu, phantom.spacing_mm)
+    inputs, grid = network_inputs(phantom.hu, phantom.spacing_mm, input_set=recipe.get("input_set", "standard"))
     targets = network_targets(phantom.hu, phantom.coronary_labels, grid)
     # Hard negatives: non-coronary calcium within ~10 mm of a coronary artery (stents,
     # aortic wall and valve, mitral annulus, noise), present even without coronary calcium.
@@ -330,8 +335,11 @@ def training_stream(seed: int, acquisition: str = "standard", scattered_calcium:
 
 
 def _dataset_recipe(config: TrainingConfig) -> dict:
-    return training_stream(config.seed, config.acquisition, **{option: getattr(config, option)
-                                                               for option in STREAM_OPTIONS})
+    """The phantom stream, and the input set when it is not the standard one (a dataset
+    holds the network's inputs, so two input sets never share one)."""
+    stream = training_stream(config.seed, config.acquisition, **{option: getattr(config, option)
+                                                                 for option in STREAM_OPTIONS})
+    return stream if config.input_set == "standard" else {**stream, "input_set": config.input_set}
 
 
 def _claim_dataset(data_dir: Path, recipe: dict) -> None:
@@ -357,7 +365,7 @@ def _save_volume(out_dir: Path, index: int, inputs, targets, near_coronary) -> i
     return int(keep.sum())
 
 
-def build_coca_dataset(coca_root: str | Path, data_dir: Path) -> int:
+def build_coca_dataset(coca_root: str | Path, data_dir: Path, input_set: str = "standard") -> int:
     """Training volumes from COCA-format annotations; returns how many are usable.
 
     Targets: calcium (>= 130 HU) inside a reader's coronary polygon takes that
@@ -385,7 +393,7 @@ def build_coca_dataset(coca_root: str | Path, data_dir: Path) -> int:
             rois = read_calcium_xml(root / "calcium_xml" / f"{coca_id}.xml")
             volume = read_dicom_series(series_dirs[0]).volume
             labels, _ = label_volume(rois, volume)
-            inputs, grid = network_inputs(volume.hu, volume.spacing_mm)
+            inputs, grid = network_inputs(volume.hu, volume.spacing_mm, input_set=input_set)
             targets = network_targets(volume.hu, labels, grid)
             near = ndimage.binary_dilation(targets > 0, structure=np.ones((1, 3, 3), bool), iterations=reach)
             _save_volume(data_dir, len(index["used"]), inputs, targets, near)
@@ -565,7 +573,7 @@ def _train_ensemble(config: TrainingConfig) -> dict:
             info = _train_network(member)
         weights.append(torch.load(member_dir / "model" / "calciumnet.pt", map_location="cpu", weights_only=True))
         members.append(_member_record(info, member_dir / "model" / "calciumnet.pt"))
-    ensemble = CalciumEnsemble(N_INPUT_CHANNELS, config.widths, len(weights))
+    ensemble = CalciumEnsemble(input_channels(config.input_set), config.widths, len(weights))
     ensemble.load_state_dict({f"members.{k}.{name}": value for k, state in enumerate(weights) for name, value in state.items()})
     return export(ensemble.eval(), config, [], members)
 
@@ -574,13 +582,14 @@ def _initial_network(config: TrainingConfig):
     """A fresh CalciumNet, or the network of ``init_weights`` (a single one or an ensemble)."""
     import torch
 
-    from cacflow.model.network import build_network, ensemble_size
+    from cacflow.model.network import build_network, ensemble_size, widened_first_layers
 
+    channels = input_channels(config.input_set)
     if not config.init_weights:
-        return build_network(N_INPUT_CHANNELS, config.widths)
+        return build_network(channels, config.widths)
     state = torch.load(config.init_weights, map_location="cpu", weights_only=True)
-    network = build_network(N_INPUT_CHANNELS, config.widths, ensemble_size(state))
-    network.load_state_dict(state)
+    network = build_network(channels, config.widths, ensemble_size(state))
+    network.load_state_dict(widened_first_layers(state, network.state_dict()))
     config.notes["initial_weights_sha256"] = file_sha256(config.init_weights)
     return network
 
@@ -612,7 +621,7 @@ def _fit(config: TrainingConfig):
     log.info("training on %s", device_name)
     if config.coca_root:
         data_dir = config.data_dir
-        n_volumes = build_coca_dataset(config.coca_root, data_dir)
+        n_volumes = build_coca_dataset(config.coca_root, data_dir, config.input_set)
     else:
         data_dir, n_volumes = build_dataset(config), config.n_volumes
     checkpoint_path = Path(config.work_dir) / "checkpoint.pt"
@@ -677,6 +686,8 @@ def _fit(config: TrainingConfig):
 # Recipe options newer than the shipped model.json, recorded only when used: its bytes,
 # which the workflow hashes to decide whether to infer again, stay as they are.
 _RECORDED_WHEN_USED = ("speck_lesions",)
+# ... and those recorded only when they are not the default.
+_RECORDED_WHEN_NOT = {"input_set": "standard"}
 
 
 def training_record(config: TrainingConfig, ensemble: bool) -> dict:
@@ -688,7 +699,8 @@ def training_record(config: TrainingConfig, ensemble: bool) -> dict:
                          "patch_review_phantoms", "patch_review_min_share", "patch_review_context",
                          "patch_review_scan_types")
             and not (ensemble and k in ("n_volumes", "steps"))
-            and not (k in _RECORDED_WHEN_USED and not v)}
+            and not (k in _RECORDED_WHEN_USED and not v)
+            and not (k in _RECORDED_WHEN_NOT and v == _RECORDED_WHEN_NOT[k])}
 
 
 def negatives_tune_record(tune: NegativesTune) -> dict:
@@ -713,13 +725,14 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
     # not on the real scans it was tuned for; the CPU engine then runs the float graph.
     training = training_record(config, bool(members))
     int8 = _export_int8(model_dir, 0 if config.coca_root else config.int8_calibration_phantoms,
-                        _last_stage_stream(training, negatives_tune))
+                        _last_stage_stream(training, negatives_tune), config.input_set)
     members_in_network = ensemble_size(network.state_dict())
     info = {
         "model_version": config.model_version,
         "architecture": "CalciumNet 2-D U-Net" + (f", ensemble of {members_in_network}" if members_in_network > 1 else ""),
         "ensemble_size": members_in_network,
-        "in_channels": N_INPUT_CHANNELS,
+        "in_channels": input_channels(config.input_set),
+        **({"input_set": config.input_set} if config.input_set != "standard" else {}),
         "widths": list(config.widths),
         "target_spacing_mm": TARGET_SPACING_MM,
         "classes": ["not_coronary", "lm", "lad", "lcx", "rca"],
@@ -743,14 +756,17 @@ def export_onnx(network, onnx_path: Path) -> float:
     import onnxruntime as ort
     import torch
 
+    from cacflow.model.network import first_layer_channels
+
     tmp = onnx_path.with_name(onnx_path.name + ".tmp")
+    channels = first_layer_channels(network.state_dict())
     torch.onnx.export(
-        network, (torch.randn(2, N_INPUT_CHANNELS, 96, 128),), str(tmp), input_names=["inputs"],
+        network, (torch.randn(2, channels, 96, 128),), str(tmp), input_names=["inputs"],
         output_names=["logits"],
         dynamic_axes={"inputs": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}},
         opset_version=17, dynamo=False,
     )
-    check = torch.randn(3, N_INPUT_CHANNELS, 144, 112)
+    check = torch.randn(3, channels, 144, 112)
     with torch.inference_mode():
         expected = network(check).numpy()
     got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, {"inputs": check.numpy()})[0]
@@ -789,7 +805,8 @@ def refresh_int8(model_dir: str | Path, int8_calibration_phantoms: int = CALIBRA
     info = json.loads((model_dir / "model.json").read_text())
     info.pop("int8", None)
     int8 = _export_int8(model_dir, int8_calibration_phantoms,
-                        _last_stage_stream(info.get("training", {}), info.get("negatives_tune")))
+                        _last_stage_stream(info.get("training", {}), info.get("negatives_tune")),
+                        info.get("input_set", "standard"))
     if int8:
         info["int8"] = int8
     atomic_write_text(model_dir / "model.json", json.dumps(info, indent=2) + "\n")
@@ -805,7 +822,7 @@ def _last_stage_stream(training: dict, negatives_tune: dict | None) -> dict:
                            **{option: bool(training.get(option)) for option in STREAM_OPTIONS})
 
 
-def _export_int8(model_dir: Path, n_calibration: int, stream: dict) -> dict:
+def _export_int8(model_dir: Path, n_calibration: int, stream: dict, input_set: str = "standard") -> dict:
     """The int8 copy of the graph (``cacflow.model.quantization``) and what model.json
     records of it; with no calibration phantoms, none, and no stale copy left behind."""
     from cacflow.model.quantization import export_int8
@@ -813,7 +830,7 @@ def _export_int8(model_dir: Path, n_calibration: int, stream: dict) -> dict:
     if n_calibration <= 0:
         (model_dir / "calciumnet.int8.onnx").unlink(missing_ok=True)
         return {}
-    return export_int8(model_dir, n_calibration, stream=stream)
+    return export_int8(model_dir, n_calibration, stream=stream, input_set=input_set)
 
 
 def _training_ranges(config: TrainingConfig) -> dict:

@@ -143,6 +143,8 @@ def test_snakemake_train_fine_tunes_when_the_config_names_a_coca_root(tmp_path):
                          "  patch_review_scan_types: [gated]\n")
     assert ("--patch-review-phantoms 240:120:160:160 --patch-review-min-share 0.01 --patch-review-context "
             "--patch-review-scan-types gated --device auto") in gated_only
+    subcell = dry_run("training:\n  input_set: subcell\n")
+    assert "--negatives-tune shipped --review-phantoms 0:0 --input-set subcell --device auto" in subcell
     # A mapping of one's own replaces the default whole: no perivascular blobs unless it says so.
     tuned = dry_run("training:\n  negatives_tune: {volumes: 800, steps: 9000, learning_rate: 0.0005}\n")
     assert ("--members 400:20000,800:30000 --negatives-tune 800:9000 --negatives-tune-learning-rate 0.0005 "

@@ -400,7 +400,7 @@ def test_the_negatives_tune_is_the_trained_ensemble_tuned_on_phantoms_with_blobs
     from pathlib import Path
 
     calibrations = []  # (phantoms, scattered) of each int8 copy asked for
-    monkeypatch.setattr(training, "_export_int8", lambda folder, n, stream:
+    monkeypatch.setattr(training, "_export_int8", lambda folder, n, stream, input_set="standard":
                         calibrations.append((n, bool(stream.get("scattered_calcium")))) or {})
     tune = training.NegativesTune(volumes=2, steps=3, learning_rate=1e-3)
     recipe = replace(_config(tmp_path, "two_stage", two_phantom_dataset), members=((2, 3), (1, 4)),
@@ -561,3 +561,72 @@ def test_training_then_fits_the_candidate_review_and_scans_use_it(tmp_path, two_
 def test_cli_refuses_review_phantoms_that_are_not_two_counts(tmp_path, counts):
     with pytest.raises(SystemExit):
         cli.main(["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m"), "--review-phantoms", counts])
+
+
+def test_widened_weights_compute_what_the_narrower_network_does():
+    """Starting weights with fewer input channels get zeros for the new ones: before any
+    step the widened network gives the narrower one's output, whatever the new channels hold."""
+    from cacflow.model.network import build_network, first_layer_channels, widened_first_layers
+
+    torch.manual_seed(0)
+    narrow = build_network(6, SMALL_NETWORK, 2).eval()
+    wide = build_network(10, SMALL_NETWORK, 2)
+    wide.load_state_dict(widened_first_layers(narrow.state_dict(), wide.state_dict()))
+    wide.eval()
+    x = torch.randn(2, 10, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(wide(x), narrow(x[:, :6]), rtol=0, atol=1e-6)
+        assert not torch.allclose(narrow(x[:, :6]), narrow(torch.randn(2, 6, 32, 32)))  # the output depends on x
+    assert first_layer_channels(wide.state_dict()) == 10 and first_layer_channels(narrow.state_dict()) == 6
+    with pytest.raises(ValueError, match="take 10 input channels, the network 6"):
+        widened_first_layers(wide.state_dict(), narrow.state_dict())
+
+
+def test_a_tune_onto_the_subcell_inputs_records_them_and_scores(tmp_path, two_phantom_dataset, one_torch_thread):
+    from cacflow.inference import CalciumSegmenter
+    from cacflow.model.engines import ModelFiles, create_engine
+    from cacflow.model.preprocessing import INPUT_SETS
+
+    base = _config(tmp_path, "base", two_phantom_dataset)
+    training.train(base)
+    standard = json.loads((tmp_path / "base" / "model" / "model.json").read_text())
+    # The standard set is not named: model.json keeps the shipped model's form.
+    assert "input_set" not in standard and "input_set" not in standard["training"] and standard["in_channels"] == 6
+
+    # A dataset holds the network's inputs: one of the standard set is refused.
+    with pytest.raises(ValueError, match="was generated with"):
+        training.train(replace(_config(tmp_path, "shared", two_phantom_dataset), input_set="subcell"))
+
+    work = tmp_path / "subcell"
+    tuned = TrainingConfig(work_dir=str(work), model_dir=str(work / "model"), n_volumes=2, steps=2, batch_size=2,
+                           widths=SMALL_NETWORK, checkpoint_every=1, workers=1, device="cpu",
+                           int8_calibration_phantoms=1, input_set="subcell",
+                           init_weights=str(tmp_path / "base" / "model" / "calciumnet.pt"))
+    training.train(tuned)
+    assert json.loads((work / "dataset" / "dataset.json").read_text())["input_set"] == "subcell"
+    assert np.load(work / "dataset" / "00000_inputs.npy").shape[1] == INPUT_SETS["subcell"]
+    info = json.loads((work / "model" / "model.json").read_text())
+    assert info["in_channels"] == 10 and info["input_set"] == "subcell" and info["training"]["input_set"] == "subcell"
+    assert info["int8"]["calibration"]["input_set"] == "subcell"
+
+    model = ModelFiles(work / "model").checked(check_int8=False)
+    assert model.input_set == "subcell"
+    segmenter = CalciumSegmenter.for_model(create_engine("onnxruntime-fp32", model, threads=1), model)
+    hu = np.random.default_rng(0).normal(40, 30, (4, 64, 64)).astype(np.float32)
+    hu[2, 30:33, 30:33] = 400.0
+    assert segmenter.segment(hu, (3.0, 0.5, 0.5)).n_candidates >= 1
+    # A model folder claiming an input set this cacflow does not prepare is refused.
+    (work / "model" / "model.json").write_text(json.dumps(dict(info, input_set="octants")))
+    with pytest.raises(ValueError, match="input set 'octants'"):
+        ModelFiles(work / "model").checked()
+
+
+def test_cli_passes_the_input_set(tmp_path, monkeypatch, capsys):
+    recipes = []
+    monkeypatch.setattr(training, "train", lambda config: recipes.append(config) or {"model_version": "x"})
+    base = ["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m")]
+    assert cli.main(base) == 0 and recipes[-1].input_set == "standard"
+    assert cli.main(base + ["--input-set", "subcell"]) == 0 and recipes[-1].input_set == "subcell"
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--input-set", "fine"])
+    assert "invalid choice: 'fine'" in capsys.readouterr().err

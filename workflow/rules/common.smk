@@ -123,4 +123,6 @@ def training_arguments():
         scan_types = training.get("patch_review_scan_types", ["gated", "nongated"])
         if sorted(scan_types) != ["gated", "nongated"]:
             review += " --patch-review-scan-types " + ",".join(scan_types)
-    return f"--work-dir results/training {f'--members {members} ' if members else ''}{tune} {review} {device}"
+    # Named only when asked for, as above.
+    inputs = "" if training.get("input_set", "standard") == "standard" else f" --input-set {training['input_set']}"
+    return f"--work-dir results/training {f'--members {members} ' if members else ''}{tune} {review}{inputs} {device}"

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cacflow.model.quantization import CALIBRATION_PHANTOMS
+from cacflow.model.preprocessing import INPUT_SETS
 from cacflow.review_training import PATCH_REVIEW_PHANTOMS, REVIEW_PHANTOMS
 from cacflow.training import ACQUISITION_RECIPES, SHIPPED_NEGATIVES_TUNE, TRAINING_DEVICES, NegativesTune
 
@@ -54,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training phantoms also hold calcified blobs scattered through the chest away from "
                              "the coronary arteries (negatives of any look; docs/evaluation.md, "
                              "\"Calcium of kinds the training never shows\")")
+    parser.add_argument("--input-set", choices=tuple(INPUT_SETS), default="standard",
+                        help="the network's input channels: standard (the shipped model's) or subcell (also the "
+                             "calcium fraction of each quarter of a 1.5 mm pixel; starting weights with fewer "
+                             "channels get zero weights for the new ones; docs/evaluation.md)")
     parser.add_argument("--perivascular-calcium", action="store_true",
                         help="training phantoms also hold calcified blobs, alone or in clusters and chains, just "
                              "outside the aorta, pulmonary trunk and superior vena cava (negatives that pass most "
@@ -191,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         coca_root=str(args.coca_root) if args.coca_root else None, init_weights=init_weights,
         device=args.device, acquisition=args.acquisition, scattered_calcium=args.scattered_calcium,
         perivascular_calcium=args.perivascular_calcium, speck_lesions=args.speck_lesions,
-        int8_calibration_phantoms=args.int8_calibration_phantoms,
+        input_set=args.input_set, int8_calibration_phantoms=args.int8_calibration_phantoms,
         review_phantoms=(0, 0) if args.coca_root else args.review_phantoms,
         patch_review_phantoms=(0, 0, 0) if args.coca_root else args.patch_review_phantoms,
         patch_review_min_share=args.patch_review_min_share, patch_review_context=args.patch_review_context,

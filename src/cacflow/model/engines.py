@@ -54,7 +54,7 @@ class ModelFiles:
         an int8 copy, if any, that is of these weights: whichever engine runs, a folder
         whose files disagree is not scored)."""
         from cacflow.model.network import N_CLASSES
-        from cacflow.model.preprocessing import N_INPUT_CHANNELS, TARGET_SPACING_MM
+        from cacflow.model.preprocessing import INPUT_SETS, TARGET_SPACING_MM
 
         missing = [p.name for p in (self.directory / "model.json", self.torch_path, self.onnx_path) if not p.is_file()]
         if missing:
@@ -62,7 +62,11 @@ class ModelFiles:
                              "at the output folder of `snakemake train` (results/model), or leave it empty for the "
                              "shipped model")
         info = self.info
-        expected = {"in_channels": N_INPUT_CHANNELS, "target_spacing_mm": TARGET_SPACING_MM, "classes": N_CLASSES}
+        if self.input_set not in INPUT_SETS:
+            raise ValueError(f"the model in {self.directory} was trained on the input set {self.input_set!r}, which "
+                             f"this cacflow does not prepare (it knows {', '.join(INPUT_SETS)}); update cacflow")
+        expected = {"in_channels": INPUT_SETS[self.input_set], "target_spacing_mm": TARGET_SPACING_MM,
+                    "classes": N_CLASSES}
         found = {"in_channels": info.get("in_channels"), "target_spacing_mm": info.get("target_spacing_mm"),
                  "classes": len(info.get("classes", []))}
         if found != expected:
@@ -136,6 +140,12 @@ class ModelFiles:
                                tuple(record.get("scan_types", SCAN_TYPE_VALUES)))
         record = self.info.get("candidate_review")
         return CandidateReview.from_dict(record) if record else None
+
+    @property
+    def input_set(self) -> str:
+        """The channels the model was trained on (``cacflow.model.preprocessing.INPUT_SETS``;
+        model.json ``input_set``, absent for the standard set)."""
+        return self.info.get("input_set", "standard")
 
     @property
     def unsure_revote_shifts(self) -> tuple[tuple[float, float], ...]:

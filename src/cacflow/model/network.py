@@ -112,3 +112,29 @@ def ensemble_size(state_dict: dict) -> int:
     """Members in saved weights: 1 for a plain CalciumNet's."""
     members = {name.split(".")[1] for name in state_dict if name.startswith("members.")}
     return len(members) or 1
+
+
+def _first_layer_keys(state_dict: dict) -> list[str]:
+    """The first convolution's weights of each network in ``state_dict``."""
+    return [name for name in state_dict if name.endswith("encoders.0.0.weight")]
+
+
+def first_layer_channels(state_dict: dict) -> int:
+    """Input channels the weights ``state_dict`` take."""
+    return int(state_dict[_first_layer_keys(state_dict)[0]].shape[1])
+
+
+def widened_first_layers(state_dict: dict, target: dict) -> dict:
+    """``state_dict`` fitted to a network (``target``, its state dict) that takes more
+    input channels: the first convolutions get zero weights for the extra channels, so
+    the widened network computes exactly what the given one does until it is trained
+    (a fine-tune onto a larger input set starts from the model it tunes)."""
+    widened = dict(state_dict)
+    for name in _first_layer_keys(state_dict):
+        have, want = state_dict[name], target[name]
+        if have.shape[1] > want.shape[1]:
+            raise ValueError(f"starting weights take {have.shape[1]} input channels, the network {want.shape[1]}")
+        if have.shape[1] < want.shape[1]:
+            extra = want.new_zeros((have.shape[0], want.shape[1] - have.shape[1]) + tuple(have.shape[2:]))
+            widened[name] = torch.cat([have, extra], dim=1)
+    return widened

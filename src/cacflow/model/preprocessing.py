@@ -12,6 +12,12 @@ Channels per slice z:
   4    fraction of the coarse pixel that is at or above the calcium threshold
   5    mean density above threshold, up to 2500 HU: calcium (up to ~1000 HU) and
        metal (stents, wires, leads: 1400 HU and more) must stay distinguishable
+
+A model trained on the "subcell" input set (model.json ``input_set``; the shipped
+model is "standard") also sees, per coarse pixel:
+  6-9  the calcium fraction of each quarter of the pixel (rows then columns: top
+       left, top right, bottom left, bottom right), so a speck of 1-2 mm^2 keeps its
+       size and place inside the 1.5 mm pixel rather than being spread over it
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 TARGET_SPACING_MM = 1.5
-N_INPUT_CHANNELS = 6
+N_INPUT_CHANNELS = 6  # the standard input set's
+# Input sets a model can be trained on: name -> channels (model.json ``input_set``).
+INPUT_SETS = {"standard": N_INPUT_CHANNELS, "subcell": N_INPUT_CHANNELS + 4}
 SIZE_MULTIPLE = 16  # 2 ** number of poolings in CalciumNet
 IGNORE_INDEX = -1
 DENSITY_RANGE_HU = 2370.0  # threshold + this = 2500 HU
@@ -77,10 +85,42 @@ def _coarse_index(pixels: int, cells: int, shift: float) -> tuple[np.ndarray, in
     return np.minimum(index, covered - 1), covered
 
 
+def input_channels(input_set: str) -> int:
+    """Channels of an input set (``INPUT_SETS``); ValueError for an unknown one."""
+    if input_set not in INPUT_SETS:
+        raise ValueError(f"unknown input set {input_set!r}: one of {', '.join(INPUT_SETS)}")
+    return INPUT_SETS[input_set]
+
+
+def _quarter_index(pixels: int, row_mm: float, shift: float) -> np.ndarray:
+    """0 or 1 per full-resolution pixel along one axis: in the first or second half of
+    its coarse cell (the same cells as ``CoarseGrid.for_shape``)."""
+    cells = max(1, int(round(pixels * row_mm / TARGET_SPACING_MM)))
+    position = (np.arange(pixels) + 0.5) * cells / pixels + shift  # in cells
+    return (np.floor(2 * position) - 2 * np.floor(position)).astype(np.int64)
+
+
+def quarter_fractions(calcium: np.ndarray, grid: CoarseGrid, spacing_mm, shift_cells=(0.0, 0.0)) -> np.ndarray:
+    """Calcium fraction of each quarter of each coarse pixel -> [z, 4, padded_h, padded_w]
+    (a quarter that holds no full-resolution pixel, at a partial edge cell, is 0)."""
+    rows, cols = calcium.shape[1:]
+    quarter = (2 * _quarter_index(rows, spacing_mm[1], shift_cells[0])[:, None]
+               + _quarter_index(cols, spacing_mm[2], shift_cells[1])[None, :])
+    cells = grid.padded_height * grid.padded_width
+    flat = (grid.flat_index() * 4 + quarter).ravel()
+    counts = np.maximum(np.bincount(flat, minlength=cells * 4), 1).astype(np.float32)
+    out = np.empty((len(calcium), cells * 4), dtype=np.float32)
+    for z in range(len(calcium)):
+        out[z] = np.bincount(flat, weights=calcium[z].ravel(), minlength=cells * 4) / counts
+    return out.reshape(len(calcium), grid.padded_height, grid.padded_width, 4).transpose(0, 3, 1, 2)
+
+
 def network_inputs(hu: np.ndarray, spacing_mm: tuple[float, float, float], threshold_hu: float = 130.0,
-                   shift_cells: tuple[float, float] = (0.0, 0.0)):
+                   shift_cells: tuple[float, float] = (0.0, 0.0), input_set: str = "standard"):
     """Return (inputs float32 [z, C, H, W], grid) for a canonical HU volume, on the
-    normal grid or one shifted by ``shift_cells`` (``CoarseGrid.for_shape``)."""
+    normal grid or one shifted by ``shift_cells`` (``CoarseGrid.for_shape``), with the
+    channels of ``input_set`` (``INPUT_SETS``)."""
+    input_channels(input_set)
     grid = CoarseGrid.for_shape(hu.shape[1], hu.shape[2], spacing_mm[1], spacing_mm[2], shift_cells)
     hu = hu.astype(np.float32, copy=False)
     # One full-resolution scratch volume for the four windowed copies, rather than a
@@ -98,7 +138,10 @@ def network_inputs(hu: np.ndarray, spacing_mm: tuple[float, float, float], thres
     density = density / np.maximum(fraction, 1e-3) * (fraction > 0)
     below = np.concatenate([soft[:1], soft[:-1]])
     above = np.concatenate([soft[1:], soft[-1:]])
-    inputs = np.stack([below, soft, above, wide, fraction, density], axis=1)
+    channels = [below, soft, above, wide, fraction, density]
+    if input_set == "subcell":
+        channels += list(quarter_fractions(calcium, grid, spacing_mm, shift_cells).transpose(1, 0, 2, 3))
+    inputs = np.stack(channels, axis=1)
     # Padding rows/cols have no full-res pixels: mark them as air, not as tissue.
     inputs[:, 0:3, grid.height:, :] = inputs[:, 0:3, :, grid.width:] = -1.0
     inputs[:, 3, grid.height:, :] = inputs[:, 3, :, grid.width:] = -1.0

@@ -40,16 +40,16 @@ MIN_SAME_CLASS_SHARE = 0.999
 log = logging.getLogger(__name__)
 
 
-def phantom_inputs(indices, stream: dict) -> list[np.ndarray]:
-    """Network inputs [z, C, H, W] of phantoms ``indices`` of a training stream
-    (``cacflow.training.training_stream``)."""
+def phantom_inputs(indices, stream: dict, input_set: str = "standard") -> list[np.ndarray]:
+    """Network inputs [z, C, H, W] (channels of ``input_set``) of phantoms ``indices``
+    of a training stream (``cacflow.training.training_stream``)."""
     from cacflow.model.preprocessing import network_inputs
     from cacflow.training import training_phantom
 
     volumes = []
     for index in indices:
         phantom = training_phantom(index=index, **stream)
-        volumes.append(network_inputs(phantom.hu, phantom.spacing_mm)[0])
+        volumes.append(network_inputs(phantom.hu, phantom.spacing_mm, input_set=input_set)[0])
     return volumes
 
 
@@ -112,7 +112,7 @@ def _probabilities(session, volume: np.ndarray) -> np.ndarray:
 
 
 def export_int8(model_dir: Path, n_calibration: int = CALIBRATION_PHANTOMS, *, stream: dict,
-                n_parity: int = PARITY_PHANTOMS) -> dict:
+                n_parity: int = PARITY_PHANTOMS, input_set: str = "standard") -> dict:
     """Quantize ``model_dir``'s calciumnet.onnx into calciumnet.int8.onnx, calibrated
     and checked on phantoms of a training stream (``cacflow.training.training_stream``),
     and return what model.json records of it. A copy that fails the parity check is removed
@@ -121,13 +121,15 @@ def export_int8(model_dir: Path, n_calibration: int = CALIBRATION_PHANTOMS, *, s
 
     model_dir = Path(model_dir)
     float_path, int8_path = model_dir / "calciumnet.onnx", model_dir / "calciumnet.int8.onnx"
-    quantize_model(float_path, int8_path, phantom_inputs(range(n_calibration), stream))
-    check = parity(float_path, int8_path, phantom_inputs(range(n_calibration, n_calibration + n_parity), stream))
+    quantize_model(float_path, int8_path, phantom_inputs(range(n_calibration), stream, input_set))
+    check = parity(float_path, int8_path, phantom_inputs(range(n_calibration, n_calibration + n_parity), stream,
+                                                         input_set))
     record = {
         "file": int8_path.name,
         "method": "ONNX Runtime static QDQ: Conv weights int8 per channel (7-bit range), "
                   "activations int8 per tensor, min/max calibration",
-        "calibration": {**stream, "phantoms": [0, n_calibration]},
+        "calibration": {**stream, **({"input_set": input_set} if input_set != "standard" else {}),
+                        "phantoms": [0, n_calibration]},
         "parity_vs_float": {"phantoms": [n_calibration, n_calibration + n_parity], **check},
     }
     if check["same_class_share"] < MIN_SAME_CLASS_SHARE:
