@@ -44,7 +44,7 @@ def review_candidates(segmenter, phantom, min_share: float, max_area_mm2: float)
     from cacflow.model.preprocessing import network_inputs
 
     hu, threshold = phantom.hu, segmenter.threshold_hu
-    inputs, grid = network_inputs(hu, phantom.spacing_mm, threshold)
+    inputs, grid = network_inputs(hu, phantom.spacing_mm, threshold, input_set=segmenter.input_set)
     candidates = candidate_votes(hu, engine_logits(segmenter.engine, inputs, segmenter.batch_slices), grid, threshold)
     pixel_area = phantom.spacing_mm[1] * phantom.spacing_mm[2]
     chosen, features = review_features(hu, candidates, candidates.coronary_share, pixel_area, min_share,
@@ -62,7 +62,10 @@ def fit_candidate_review(model_dir: str | Path, seed: int = REVIEW_SEED, counts:
     from cacflow.model.engines import ModelFiles, create_engine
 
     model_dir = Path(model_dir)
-    segmenter = CalciumSegmenter(create_engine("onnxruntime", ModelFiles(model_dir), threads=workers))
+    model = ModelFiles(model_dir)
+    # The network's own votes (not CalciumSegmenter.for_model: no review, no re-vote),
+    # on the inputs it was trained on.
+    segmenter = CalciumSegmenter(create_engine("onnxruntime", model, threads=workers), input_set=model.input_set)
     features, truth, phantom_of = [], [], []
     for number, phantom in enumerate(phantoms_for_review(seed, counts)):
         f, t = review_candidates(segmenter, phantom, min_share, max_area_mm2)
@@ -129,10 +132,11 @@ def _extract_patch_phantom(job) -> int:
     from cacflow.training import training_phantom
 
     if _patch_segmenter is None:
-        _patch_segmenter = CalciumSegmenter(create_engine("onnxruntime", ModelFiles(Path(model_dir)), threads=1))
+        model = ModelFiles(Path(model_dir))
+        _patch_segmenter = CalciumSegmenter(create_engine("onnxruntime", model, threads=1), input_set=model.input_set)
     phantom = training_phantom(stream, index, **options)
     hu, spacing = phantom.hu, phantom.spacing_mm
-    inputs, grid = network_inputs(hu, spacing, _patch_segmenter.threshold_hu)
+    inputs, grid = network_inputs(hu, spacing, _patch_segmenter.threshold_hu, input_set=_patch_segmenter.input_set)
     logits = engine_logits(_patch_segmenter.engine, inputs, _patch_segmenter.batch_slices)
     candidates = candidate_votes(hu, logits, grid, _patch_segmenter.threshold_hu)
     share = candidates.coronary_share
