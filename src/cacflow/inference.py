@@ -144,12 +144,14 @@ def candidate_votes(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: floa
     flat = np.flatnonzero(calcium)
     of_voxel = components.ravel()[flat]
     z, y, x = np.unravel_index(flat, hu.shape)
-    voxel_probabilities = calcium_cell_probabilities(logits, grid, z, y, x)
-    votes = np.stack(
-        [np.bincount(of_voxel, weights=voxel_probabilities[:, c], minlength=count + 1) for c in range(N_CLASSES)],
-        axis=1,
-    )
+    votes = summed_by_component(of_voxel, calcium_cell_probabilities(logits, grid, z, y, x), count + 1)
     return CandidateVotes(components, count, of_voxel, (z, y, x), votes)
+
+
+def summed_by_component(component_of_voxel: np.ndarray, voxel_probabilities: np.ndarray, n_components: int):
+    """Class probabilities ``[voxels, N_CLASSES]`` summed per component -> ``[n_components, N_CLASSES]``."""
+    return np.stack([np.bincount(component_of_voxel, weights=voxel_probabilities[:, c], minlength=n_components)
+                     for c in range(N_CLASSES)], axis=1)
 
 
 def assign_candidates(hu: np.ndarray, logits: np.ndarray, grid, threshold_hu: float,

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cacflow.inference import CandidateVotes, calcium_cell_probabilities, engine_logits
-from cacflow.model.network import N_CLASSES
+from cacflow.inference import CandidateVotes, calcium_cell_probabilities, engine_logits, summed_by_component
 from cacflow.model.preprocessing import network_inputs
 
 
@@ -67,6 +66,5 @@ def revoted_votes(hu: np.ndarray, spacing_mm, candidates: CandidateVotes, chosen
         inputs, grid = shifted_inputs(hu, spacing_mm, slices, threshold_hu, shift, input_set)
         logits = engine_logits(engine, inputs, batch_slices)
         probabilities = calcium_cell_probabilities(logits, grid, np.searchsorted(slices, z), y, x)
-        total += np.stack([np.bincount(rows, weights=probabilities[:, c], minlength=len(chosen))
-                           for c in range(N_CLASSES)], axis=1)
+        total += summed_by_component(rows, probabilities, len(chosen))
     return total / (1 + len(shifts))

@@ -49,6 +49,7 @@ from cacflow.model.preprocessing import (
     IGNORE_INDEX,
     TARGET_SPACING_MM,
     input_channels,
+    input_set_record,
     network_inputs,
     network_targets,
 )
@@ -337,9 +338,9 @@ def training_stream(seed: int, acquisition: str = "standard", scattered_calcium:
 def _dataset_recipe(config: TrainingConfig) -> dict:
     """The phantom stream, and the input set when it is not the standard one (a dataset
     holds the network's inputs, so two input sets never share one)."""
-    stream = training_stream(config.seed, config.acquisition, **{option: getattr(config, option)
-                                                                 for option in STREAM_OPTIONS})
-    return stream if config.input_set == "standard" else {**stream, "input_set": config.input_set}
+    return {**training_stream(config.seed, config.acquisition, **{option: getattr(config, option)
+                                                                  for option in STREAM_OPTIONS}),
+            **input_set_record(config.input_set)}
 
 
 def _claim_dataset(data_dir: Path, recipe: dict) -> None:
@@ -683,11 +684,10 @@ def _fit(config: TrainingConfig):
     return network.to("cpu").eval(), history
 
 
-# Recipe options newer than the shipped model.json, recorded only when used: its bytes,
-# which the workflow hashes to decide whether to infer again, stay as they are.
-_RECORDED_WHEN_USED = ("speck_lesions",)
-# ... and those recorded only when they are not the default.
-_RECORDED_WHEN_NOT = {"input_set": "standard"}
+# Recipe options newer than the shipped model.json, recorded only when not their
+# default: its bytes, which the workflow hashes to decide whether to infer again, stay
+# as they are.
+_RECORDED_UNLESS_DEFAULT = {"speck_lesions": False, "input_set": "standard"}
 
 
 def training_record(config: TrainingConfig, ensemble: bool) -> dict:
@@ -699,13 +699,16 @@ def training_record(config: TrainingConfig, ensemble: bool) -> dict:
                          "patch_review_phantoms", "patch_review_min_share", "patch_review_context",
                          "patch_review_scan_types")
             and not (ensemble and k in ("n_volumes", "steps"))
-            and not (k in _RECORDED_WHEN_USED and not v)
-            and not (k in _RECORDED_WHEN_NOT and v == _RECORDED_WHEN_NOT[k])}
+            and not _is_unrecorded_default(k, v)}
 
 
 def negatives_tune_record(tune: NegativesTune) -> dict:
     """The recipe part of model.json's ``negatives_tune`` block."""
-    return {k: v for k, v in asdict(tune).items() if not (k in _RECORDED_WHEN_USED and not v)}
+    return {k: v for k, v in asdict(tune).items() if not _is_unrecorded_default(k, v)}
+
+
+def _is_unrecorded_default(key: str, value) -> bool:
+    return key in _RECORDED_UNLESS_DEFAULT and value == _RECORDED_UNLESS_DEFAULT[key]
 
 
 def export(network, config: TrainingConfig, history: list, members: list | None = None,
@@ -732,7 +735,7 @@ def export(network, config: TrainingConfig, history: list, members: list | None 
         "architecture": "CalciumNet 2-D U-Net" + (f", ensemble of {members_in_network}" if members_in_network > 1 else ""),
         "ensemble_size": members_in_network,
         "in_channels": input_channels(config.input_set),
-        **({"input_set": config.input_set} if config.input_set != "standard" else {}),
+        **input_set_record(config.input_set),
         "widths": list(config.widths),
         "target_spacing_mm": TARGET_SPACING_MM,
         "classes": ["not_coronary", "lm", "lad", "lcx", "rca"],

@@ -52,10 +52,8 @@ class CoarseGrid:
         """``shift_cells`` (rows, columns; each in [0, 1)) moves the cell boundaries by
         that fraction of a cell: the grid ``cacflow.revote`` looks again through. A
         shifted grid has one more, partial, cell at the start of a shifted axis."""
-        height = max(1, int(round(rows * row_mm / TARGET_SPACING_MM)))
-        width = max(1, int(round(cols * col_mm / TARGET_SPACING_MM)))
-        row_index, height = _coarse_index(rows, height, shift_cells[0])
-        col_index, width = _coarse_index(cols, width, shift_cells[1])
+        row_index, height = _coarse_index(rows, row_mm, shift_cells[0])
+        col_index, width = _coarse_index(cols, col_mm, shift_cells[1])
         pad = lambda n: -(-n // SIZE_MULTIPLE) * SIZE_MULTIPLE  # noqa: E731 - round up
         return cls(row_index, col_index, height, width, pad(height), pad(width))
 
@@ -76,13 +74,20 @@ class CoarseGrid:
         return out.reshape(n_slices, self.padded_height, self.padded_width)
 
 
-def _coarse_index(pixels: int, cells: int, shift: float) -> tuple[np.ndarray, int]:
-    """(coarse cell of each full-resolution pixel, cells covered) along one axis."""
+def _cell_positions(pixels: int, pixel_mm: float, shift: float) -> tuple[np.ndarray, int]:
+    """(each full-resolution pixel's centre along one axis in coarse cells, counted
+    from the shifted grid's first boundary; the cells the unshifted grid has)."""
     if not 0.0 <= shift < 1.0:
         raise ValueError(f"a grid shift is a fraction of a cell in [0, 1), not {shift}")
+    cells = max(1, int(round(pixels * pixel_mm / TARGET_SPACING_MM)))
+    return (np.arange(pixels) + 0.5) * cells / pixels + shift, cells
+
+
+def _coarse_index(pixels: int, pixel_mm: float, shift: float) -> tuple[np.ndarray, int]:
+    """(coarse cell of each full-resolution pixel, cells covered) along one axis."""
+    position, cells = _cell_positions(pixels, pixel_mm, shift)
     covered = cells + (1 if shift > 0 else 0)
-    index = np.floor((np.arange(pixels) + 0.5) * cells / pixels + shift).astype(np.int64)
-    return np.minimum(index, covered - 1), covered
+    return np.minimum(np.floor(position).astype(np.int64), covered - 1), covered
 
 
 def input_channels(input_set: str) -> int:
@@ -92,11 +97,16 @@ def input_channels(input_set: str) -> int:
     return INPUT_SETS[input_set]
 
 
-def _quarter_index(pixels: int, row_mm: float, shift: float) -> np.ndarray:
+def input_set_record(input_set: str) -> dict:
+    """What model.json, dataset.json and the int8 record say of an input set: nothing
+    for the standard one, so records written before input sets existed keep their form."""
+    return {} if input_set == "standard" else {"input_set": input_set}
+
+
+def _quarter_index(pixels: int, pixel_mm: float, shift: float) -> np.ndarray:
     """0 or 1 per full-resolution pixel along one axis: in the first or second half of
     its coarse cell (the same cells as ``CoarseGrid.for_shape``)."""
-    cells = max(1, int(round(pixels * row_mm / TARGET_SPACING_MM)))
-    position = (np.arange(pixels) + 0.5) * cells / pixels + shift  # in cells
+    position, _ = _cell_positions(pixels, pixel_mm, shift)
     return (np.floor(2 * position) - 2 * np.floor(position)).astype(np.int64)
 
 

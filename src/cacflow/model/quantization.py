@@ -118,6 +118,7 @@ def export_int8(model_dir: Path, n_calibration: int = CALIBRATION_PHANTOMS, *, s
     and return what model.json records of it. A copy that fails the parity check is removed
     and the record says why."""
     from cacflow.model.engines import file_sha256
+    from cacflow.model.preprocessing import input_set_record
 
     model_dir = Path(model_dir)
     float_path, int8_path = model_dir / "calciumnet.onnx", model_dir / "calciumnet.int8.onnx"
@@ -128,8 +129,7 @@ def export_int8(model_dir: Path, n_calibration: int = CALIBRATION_PHANTOMS, *, s
         "file": int8_path.name,
         "method": "ONNX Runtime static QDQ: Conv weights int8 per channel (7-bit range), "
                   "activations int8 per tensor, min/max calibration",
-        "calibration": {**stream, **({"input_set": input_set} if input_set != "standard" else {}),
-                        "phantoms": [0, n_calibration]},
+        "calibration": {**stream, **input_set_record(input_set), "phantoms": [0, n_calibration]},
         "parity_vs_float": {"phantoms": [n_calibration, n_calibration + n_parity], **check},
     }
     if check["same_class_share"] < MIN_SAME_CLASS_SHARE:
