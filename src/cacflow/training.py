@@ -48,6 +48,7 @@ from cacflow.model.quantization import CALIBRATION_PHANTOMS
 from cacflow.model.preprocessing import (
     IGNORE_INDEX,
     TARGET_SPACING_MM,
+    artery_targets,
     input_channels,
     input_set_record,
     network_inputs,
@@ -111,6 +112,11 @@ class TrainingConfig:
     # (the shipped model's) or "subcell" (also each quarter pixel's calcium fraction).
     # Starting weights with fewer input channels get zero weights for the new ones.
     input_set: str = "standard"
+    # Above 0: the network also learns an artery map (which artery each pixel lies on,
+    # calcified or not; cacflow.model.network ``artery_head``) on every pixel of its
+    # crops, its cross-entropy weighted by this beside the calcium loss. The map is
+    # dropped before export. Phantoms only: COCA marks calcium, not the arteries.
+    artery_loss_weight: float = 0.0
     # Phantoms that calibrate the int8 copy of the graph for the CPU engine
     # (cacflow.model.quantization); 0 writes none (that engine then runs the float graph).
     int8_calibration_phantoms: int = CALIBRATION_PHANTOMS
@@ -136,6 +142,11 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         # Checked here, before a dataset folder is claimed for the recipe (dataset.json).
         _check_acquisition(self.acquisition)
+        if self.artery_loss_weight < 0:
+            raise ValueError(f"artery_loss_weight must be 0 or more, not {self.artery_loss_weight}")
+        if self.artery_loss_weight and self.coca_root:
+            raise ValueError("an artery map is learned on phantoms only: COCA annotations mark calcium, not the "
+                             "arteries (leave artery_loss_weight at 0 for a COCA fine-tune)")
 
     @property
     def data_dir(self) -> Path:
@@ -260,11 +271,18 @@ def training_phantom(seed: int, index: int, acquisition: str = "standard", scatt
     return generate_phantom(int(rng.integers(2**31)), settings)
 
 
+def artery_labels(phantom) -> np.ndarray:
+    """Where each artery runs in ``phantom``: its tube (lumen and wall) and its plaques,
+    which the generator lets bulge past the wall (a fifth to a quarter of the calcified
+    voxels in some phantoms)."""
+    return np.where(phantom.vessel_labels > 0, phantom.vessel_labels, phantom.coronary_labels)
+
+
 def _build_one(args) -> dict:
     index, recipe, out_dir = args
     from scipy import ndimage
 
-    stream = {key: value for key, value in recipe.items() if key != "input_set"}
+    stream = {key: value for key, value in recipe.items() if key not in ("input_set", "artery_targets")}
     phantom = training_phantom(index=index, **stream)
     inputs, grid = network_inputs(phantom.hu, phantom.spacing_mm, input_set=recipe.get("input_set", "standard"))
     targets = network_targets(phantom.hu, phantom.coronary_labels, grid)
@@ -281,7 +299,10 @@ def _build_one(args) -> dict:
         z, row, col = (int(round(v)) for v in blob["centre_voxel_zyx"])
         if 0 <= z < len(near_artery) and 0 <= row < len(grid.row_index) and 0 <= col < len(grid.col_index):
             near_artery[z, grid.row_index[row], grid.col_index[col]] = True
-    slices = _save_volume(out_dir, index, inputs, targets, near_artery)
+    arteries = None
+    if recipe.get("artery_targets"):  # a pixel whose calcium is an artery's lies on that artery
+        arteries = np.where(targets > 0, targets, artery_targets(artery_labels(phantom), grid))
+    slices = _save_volume(out_dir, index, inputs, targets, near_artery, arteries)
     return {"index": index, "slices": slices, "coronary_pixels": int((targets > 0).sum())}
 
 
@@ -336,11 +357,13 @@ def training_stream(seed: int, acquisition: str = "standard", scattered_calcium:
 
 
 def _dataset_recipe(config: TrainingConfig) -> dict:
-    """The phantom stream, and the input set when it is not the standard one (a dataset
-    holds the network's inputs, so two input sets never share one)."""
+    """The phantom stream, the input set when it is not the standard one (a dataset
+    holds the network's inputs, so two input sets never share one), and whether it
+    holds artery-map targets."""
     return {**training_stream(config.seed, config.acquisition, **{option: getattr(config, option)
                                                                   for option in STREAM_OPTIONS}),
-            **input_set_record(config.input_set)}
+            **input_set_record(config.input_set),
+            **({"artery_targets": True} if config.artery_loss_weight else {})}
 
 
 def _claim_dataset(data_dir: Path, recipe: dict) -> None:
@@ -357,8 +380,10 @@ def _claim_dataset(data_dir: Path, recipe: dict) -> None:
     atomic_write_text(record, json.dumps(recipe) + "\n")
 
 
-def _save_volume(out_dir: Path, index: int, inputs, targets, near_coronary) -> int:
+def _save_volume(out_dir: Path, index: int, inputs, targets, near_coronary, arteries=None) -> int:
     keep = (targets != IGNORE_INDEX).any(axis=(1, 2))
+    if arteries is not None:  # written before the targets, whose file marks the volume done
+        np.save(out_dir / f"{index:05d}_arteries.npy", arteries[keep].astype(np.int8))
     np.save(out_dir / f"{index:05d}_inputs.npy", inputs[keep].astype(np.float16))
     np.save(out_dir / f"{index:05d}_hard_negatives.npy",
             np.argwhere((targets[keep] == 0) & near_coronary[keep]).astype(np.int32))
@@ -426,11 +451,15 @@ class CropSampler:
     """Random training crops, centred on: a coronary lesion of a vessel drawn uniformly
     among those present, each lesion equally likely whatever its size (45 %: the short
     left main and the smallest lesions are seen as often as the others),
-    hard negatives near an artery (30 %), or any calcium (25 %: bone, noise...)."""
+    hard negatives near an artery (30 %), or any calcium (25 %: bone, noise...).
 
-    def __init__(self, data_dir: Path, n_volumes: int, crop: int, rng: np.random.Generator):
+    ``arteries``: the crops also carry their artery-map targets (``batch`` then
+    returns them third); the draws are the same either way."""
+
+    def __init__(self, data_dir: Path, n_volumes: int, crop: int, rng: np.random.Generator, arteries: bool = False):
         self.crop = crop
         self.rng = rng
+        self.arteries = arteries
         self.volumes = []
         for i in range(n_volumes):
             inputs = np.load(data_dir / f"{i:05d}_inputs.npy", mmap_mode="r")
@@ -438,13 +467,14 @@ class CropSampler:
             if len(targets):
                 per_vessel = [_one_pixel_per_lesion(targets == vessel) for vessel in range(1, 5)]
                 hard = np.load(data_dir / f"{i:05d}_hard_negatives.npy")
+                artery_map = np.load(data_dir / f"{i:05d}_arteries.npy", mmap_mode="r") if arteries else None
                 self.volumes.append((inputs, targets, [p for p in per_vessel if len(p)], hard,
-                                     np.argwhere(targets >= 0)))
+                                     np.argwhere(targets >= 0), artery_map))
 
     def batch(self, size: int):
-        xs, ys = [], []
+        xs, ys, maps = [], [], []
         for _ in range(size):
-            inputs, targets, vessels, hard, calcium = self.volumes[self.rng.integers(len(self.volumes))]
+            inputs, targets, vessels, hard, calcium, artery_map = self.volumes[self.rng.integers(len(self.volumes))]
             draw = self.rng.random()
             if vessels and draw < 0.45:
                 pool = vessels[self.rng.integers(len(vessels))]
@@ -454,25 +484,31 @@ class CropSampler:
                 pool = calcium
             z, cy, cx = pool[self.rng.integers(len(pool))]
             jitter = self.rng.integers(-self.crop // 3, self.crop // 3 + 1, size=2)
-            x, y = self._crop(inputs[z], targets[z], cy + jitter[0], cx + jitter[1])
-            xs.append(x)
-            ys.append(y)
+            window = self._window(targets.shape[1:], cy + jitter[0], cx + jitter[1])
+            xs.append(self._crop(inputs[z], window, -1.0))
+            xs[-1][4:] = np.where(xs[-1][4:] == -1.0, 0.0, xs[-1][4:])  # padding: air, no calcium
+            ys.append(self._crop(targets[z], window, IGNORE_INDEX))
+            if self.arteries:
+                maps.append(self._crop(artery_map[z], window, IGNORE_INDEX))
         # Inputs stay float16 as stored (exact in float32): the training loop widens
         # them where it runs, on the GPU when there is one, not in this one CPU process.
-        return np.stack(xs), np.stack(ys).astype(np.int64)
+        batch = (np.stack(xs), np.stack(ys).astype(np.int64))
+        return (*batch, np.stack(maps).astype(np.int64)) if self.arteries else batch
 
-    def _crop(self, image, target, cy, cx):
-        c = self.crop
-        h, w = target.shape
+    def _window(self, shape, cy, cx) -> tuple[int, int]:
+        """Top-left corner of the crop around (cy, cx), inside the slice padded to a crop."""
+        h, w = (max(n, self.crop) for n in shape)
+        return int(np.clip(cy - self.crop // 2, 0, h - self.crop)), int(np.clip(cx - self.crop // 2, 0, w - self.crop))
+
+    def _crop(self, image, window, pad_value):
+        """The crop at ``window`` of ``image`` ([..., H, W]); small fields of view are
+        padded (air in the inputs, ignored in the targets)."""
+        c, (top, left) = self.crop, window
+        h, w = image.shape[-2:]
         pad_h, pad_w = max(0, c - h), max(0, c - w)
-        if pad_h or pad_w:  # small fields of view: pad as air / ignore
-            image = np.pad(image, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-1.0)
-            image[4:] = np.where(image[4:] == -1.0, 0.0, image[4:])
-            target = np.pad(target, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
-            h, w = target.shape
-        top = int(np.clip(cy - c // 2, 0, h - c))
-        left = int(np.clip(cx - c // 2, 0, w - c))
-        return image[:, top : top + c, left : left + c], target[top : top + c, left : left + c]
+        if pad_h or pad_w:
+            image = np.pad(image, ((0, 0),) * (image.ndim - 2) + ((0, pad_h), (0, pad_w)), constant_values=pad_value)
+        return np.array(image[..., top : top + c, left : left + c])
 
 
 def train(config: TrainingConfig) -> dict:
@@ -580,17 +616,20 @@ def _train_ensemble(config: TrainingConfig) -> dict:
 
 
 def _initial_network(config: TrainingConfig):
-    """A fresh CalciumNet, or the network of ``init_weights`` (a single one or an ensemble)."""
+    """A fresh CalciumNet, or the network of ``init_weights`` (a single one or an
+    ensemble); with artery-map outputs when the recipe learns the map (fresh ones on
+    starting weights, which never hold them)."""
     import torch
 
-    from cacflow.model.network import build_network, ensemble_size, widened_first_layers
+    from cacflow.model.network import build_network, ensemble_size, widened_first_layers, with_fresh_artery_heads
 
-    channels = input_channels(config.input_set)
+    channels, artery_head = input_channels(config.input_set), config.artery_loss_weight > 0
     if not config.init_weights:
-        return build_network(channels, config.widths)
+        return build_network(channels, config.widths, artery_head=artery_head)
     state = torch.load(config.init_weights, map_location="cpu", weights_only=True)
-    network = build_network(channels, config.widths, ensemble_size(state))
-    network.load_state_dict(widened_first_layers(state, network.state_dict()))
+    network = build_network(channels, config.widths, ensemble_size(state), artery_head)
+    target = network.state_dict()
+    network.load_state_dict(with_fresh_artery_heads(widened_first_layers(state, target), target))
     config.notes["initial_weights_sha256"] = file_sha256(config.init_weights)
     return network
 
@@ -607,14 +646,18 @@ def _checkpoint_recipe(config: TrainingConfig) -> dict:
             "batch_size": config.batch_size, "crop": config.crop, "learning_rate": config.learning_rate,
             "widths": list(config.widths), "class_weights": list(config.class_weights),
             **_dataset_recipe(config), "coca_root": bool(config.coca_root),
+            **({"artery_loss_weight": config.artery_loss_weight} if config.artery_loss_weight else {}),
             "initial_weights_sha256": file_sha256(config.init_weights) if config.init_weights else None}
 
 
 def _fit(config: TrainingConfig):
     """Train one network (or tune an ensemble from ``init_weights``) from its
-    checkpoint, if any: (the network on the CPU, its loss history)."""
+    checkpoint, if any: (the network on the CPU without its artery-map outputs, its
+    loss history)."""
     import torch
     from torch import nn
+
+    from cacflow.model.network import without_artery_heads
 
     torch.manual_seed(config.seed)
     device = resolve_training_device(config.device)
@@ -655,14 +698,22 @@ def _fit(config: TrainingConfig):
     if not trained_on or trained_on[-1] != device_name:  # each leg of a resumed run that changed device
         trained_on.append(device_name)
     config.notes["trained_on"] = ", ".join(trained_on)
-    sampler = CropSampler(data_dir, n_volumes, config.crop, rng)
+    learns_arteries = config.artery_loss_weight > 0
+    sampler = CropSampler(data_dir, n_volumes, config.crop, rng, arteries=learns_arteries)
     loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(config.class_weights, device=device),
                                   ignore_index=IGNORE_INDEX)
+    artery_loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(ARTERY_CLASS_WEIGHTS, device=device),
+                                         ignore_index=IGNORE_INDEX)
     network.train()
     started, running = time.perf_counter(), []
     while step < config.steps:
-        x, y = sampler.batch(config.batch_size)
-        loss = loss_fn(network(torch.from_numpy(x).to(device).float()), torch.from_numpy(y).to(device))
+        batch = [torch.from_numpy(array).to(device) for array in sampler.batch(config.batch_size)]
+        x = batch[0].float()
+        if learns_arteries:
+            calcium_logits, artery_logits = network.forward_with_arteries(x)
+            loss = loss_fn(calcium_logits, batch[1]) + config.artery_loss_weight * artery_loss_fn(artery_logits, batch[2])
+        else:
+            loss = loss_fn(network(x), batch[1])
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -681,13 +732,19 @@ def _fit(config: TrainingConfig):
                         "torch_rng": torch.get_rng_state(), "step": step, "history": history,
                         "trained_on": trained_on, "recipe": recipe}, tmp)
             tmp.replace(checkpoint_path)
-    return network.to("cpu").eval(), history
+    return without_artery_heads(network.to("cpu").eval()), history
+
+
+# The artery map's class weights (background, LM, LAD, LCX, RCA): the arteries fill
+# about 1 % of a crop's pixels, and unweighted they would teach the shared layers
+# little beyond "background".
+ARTERY_CLASS_WEIGHTS = (1.0, 10.0, 10.0, 10.0, 10.0)
 
 
 # Recipe options newer than the shipped model.json, recorded only when not their
 # default: its bytes, which the workflow hashes to decide whether to infer again, stay
 # as they are.
-_RECORDED_UNLESS_DEFAULT = {"speck_lesions": False, "input_set": "standard"}
+_RECORDED_UNLESS_DEFAULT = {"speck_lesions": False, "input_set": "standard", "artery_loss_weight": 0.0}
 
 
 def training_record(config: TrainingConfig, ensemble: bool) -> dict:

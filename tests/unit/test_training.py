@@ -630,3 +630,108 @@ def test_cli_passes_the_input_set(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(base + ["--input-set", "fine"])
     assert "invalid choice: 'fine'" in capsys.readouterr().err
+
+
+def test_artery_outputs_leave_the_calcium_output_as_it_was_and_are_dropped_for_export():
+    """A network given artery-map outputs on trained weights computes, before any step,
+    exactly their calcium output; without the outputs its weights are a plain network's."""
+    from cacflow.model.network import build_network, with_fresh_artery_heads, without_artery_heads
+
+    for members in (1, 2):
+        torch.manual_seed(0)
+        plain = build_network(6, SMALL_NETWORK, members).eval()
+        learning = build_network(6, SMALL_NETWORK, members, artery_head=True)
+        target = learning.state_dict()
+        learning.load_state_dict(with_fresh_artery_heads(plain.state_dict(), target))
+        learning.eval()
+        x = torch.randn(2, 6, 32, 32)
+        with torch.inference_mode():
+            calcium, arteries = learning.forward_with_arteries(x)
+            torch.testing.assert_close(calcium, plain(x), rtol=0, atol=0)
+            torch.testing.assert_close(learning(x), plain(x), rtol=0, atol=0)
+        assert arteries.shape == calcium.shape == (2, 5, 32, 32)
+        head_keys = {name for name in target if "artery_head" in name}
+        assert len(head_keys) == 2 * members  # weight and bias of each member's
+        exported = without_artery_heads(learning).state_dict()
+        assert not any("artery_head" in name for name in exported)
+        build_network(6, SMALL_NETWORK, members).load_state_dict(exported)  # strict: nothing missing or extra
+
+
+def test_artery_targets_mark_the_artery_covering_a_quarter_of_a_pixel_or_more():
+    """Hand-built labels at 0.5 mm pixels, so each 1.5 mm pixel holds 3 x 3 of them."""
+    from cacflow.model.preprocessing import IGNORE_INDEX, CoarseGrid, artery_targets
+
+    labels = np.zeros((1, 12, 12), np.uint8)
+    labels[0, 0:3, 0] = 2  # 3 of 9 (33 %): LAD
+    labels[0, 0:2, 3] = 1  # 2 of 9 (22 %): under a quarter, background
+    labels[0, 3:6, 0:2] = 4  # 6 of 9 RCA beside 3 of 9 LCX: the larger share wins
+    labels[0, 3:6, 2] = 3
+    grid = CoarseGrid.for_shape(12, 12, 0.5, 0.5)
+    targets = artery_targets(labels, grid)
+    assert targets.shape == (1, grid.padded_height, grid.padded_width) == (1, 16, 16)
+    assert targets[0, 0, 0] == 2 and targets[0, 0, 1] == 0 and targets[0, 1, 0] == 4
+    assert (targets[0, :4, :4] > 0).sum() == 2
+    assert (targets[0, 4:, :] == IGNORE_INDEX).all() and (targets[0, :, 4:] == IGNORE_INDEX).all()
+
+
+def test_the_artery_map_is_learned_from_the_phantoms_tubes_and_not_exported(tmp_path, one_torch_thread):
+    """The dataset holds each kept slice's artery map, drawn from the phantom's artery
+    tubes; crops carry it aligned with their inputs and the same draws as without it; the
+    exported model is a plain network whose record names the weight."""
+    from cacflow.model.engines import ModelFiles
+    from cacflow.model.preprocessing import IGNORE_INDEX, artery_targets, network_inputs, network_targets
+
+    work = tmp_path / "arteries"
+    config = TrainingConfig(work_dir=str(work), model_dir=str(work / "model"), n_volumes=1, steps=3, batch_size=2,
+                            widths=SMALL_NETWORK, checkpoint_every=1, workers=1, device="cpu",
+                            int8_calibration_phantoms=0, artery_loss_weight=0.1)
+    info = training.train(config)
+    data = work / "dataset"
+    assert json.loads((data / "dataset.json").read_text())["artery_targets"] is True
+    phantom = training.training_phantom(config.seed, 0)
+    _, grid = network_inputs(phantom.hu, phantom.spacing_mm)
+    # The kept slices (those with calcium) hold the phantom's maps, slice for slice.
+    kept = (network_targets(phantom.hu, phantom.coronary_labels, grid) != IGNORE_INDEX).any(axis=(1, 2))
+    kept_targets, kept_maps = np.load(data / "00000_targets.npy"), np.load(data / "00000_arteries.npy")
+    coronary = kept_targets > 0
+    anatomy = artery_targets(training.artery_labels(phantom), grid)[kept]
+    tube = artery_targets(phantom.vessel_labels, grid)[kept]
+    # The map is the arteries' tubes, with the plaques that bulge past them, and every
+    # pixel whose calcium target names an artery.
+    np.testing.assert_array_equal(kept_maps[~coronary], anatomy[~coronary])
+    assert coronary.sum() >= 20 and (kept_maps[coronary] == kept_targets[coronary]).all()
+    assert ((anatomy > 0) & (tube == 0)).any() and (anatomy[tube > 0] == tube[tube > 0]).all()
+    assert (tube > 0).sum() > 2 * coronary.sum()  # mostly artery without calcium
+
+    with_maps = training.CropSampler(data, 1, 32, np.random.default_rng(5), arteries=True).batch(12)
+    without = training.CropSampler(data, 1, 32, np.random.default_rng(5)).batch(12)
+    assert len(with_maps) == 3 and len(without) == 2
+    np.testing.assert_array_equal(with_maps[0], without[0])
+    np.testing.assert_array_equal(with_maps[1], without[1])
+    # Each crop's map is cut from the same window as its calcium target.
+    coronary = with_maps[1] > 0
+    assert coronary.any() and (with_maps[2][coronary] == with_maps[1][coronary]).mean() > 0.9
+
+    assert info["training"]["artery_loss_weight"] == 0.1
+    weights = torch.load(work / "model" / "calciumnet.pt", map_location="cpu", weights_only=True)
+    assert not any("artery_head" in name for name in weights)
+    ModelFiles(work / "model").checked(check_int8=False)
+    # A checkpoint without the artery map is another recipe, not resumed under it.
+    with pytest.raises(ValueError, match="another recipe|was generated with"):
+        training.train(replace(config, artery_loss_weight=0.0, steps=4))
+
+
+def test_an_artery_map_is_refused_for_coca_and_below_zero(tmp_path):
+    with pytest.raises(ValueError, match="phantoms only"):
+        TrainingConfig(work_dir=str(tmp_path), model_dir=str(tmp_path / "m"), coca_root=str(tmp_path),
+                       artery_loss_weight=0.1)
+    with pytest.raises(ValueError, match="0 or more"):
+        TrainingConfig(work_dir=str(tmp_path), model_dir=str(tmp_path / "m"), artery_loss_weight=-1.0)
+
+
+def test_cli_passes_the_artery_loss_weight(tmp_path, monkeypatch):
+    recipes = []
+    monkeypatch.setattr(training, "train", lambda config: recipes.append(config) or {"model_version": "x"})
+    base = ["train", "--work-dir", str(tmp_path), "--model-dir", str(tmp_path / "m")]
+    assert cli.main(base) == 0 and recipes[-1].artery_loss_weight == 0.0
+    assert cli.main(base + ["--artery-loss-weight", "0.1"]) == 0 and recipes[-1].artery_loss_weight == 0.1

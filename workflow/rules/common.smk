@@ -125,4 +125,6 @@ def training_arguments():
             review += " --patch-review-scan-types " + ",".join(scan_types)
     # Named only when asked for, as above.
     inputs = "" if training.get("input_set", "standard") == "standard" else f" --input-set {training['input_set']}"
+    if training.get("artery_loss_weight", 0.0):
+        inputs += f" --artery-loss-weight {training['artery_loss_weight']}"
     return f"--work-dir results/training {f'--members {members} ' if members else ''}{tune} {review}{inputs} {device}"

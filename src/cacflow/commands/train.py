@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the network's input channels: standard (the shipped model's) or subcell (also the "
                              "calcium fraction of each quarter of a 1.5 mm pixel; starting weights with fewer "
                              "channels get zero weights for the new ones; docs/evaluation.md)")
+    parser.add_argument("--artery-loss-weight", type=float, default=0.0, metavar="W",
+                        help="above 0: the network also learns which artery each pixel lies on, calcified or not, "
+                             "with this weight beside the calcium loss; the artery map is dropped before export "
+                             "(phantoms only; tried and not adopted: docs/evaluation.md)")
     parser.add_argument("--perivascular-calcium", action="store_true",
                         help="training phantoms also hold calcified blobs, alone or in clusters and chains, just "
                              "outside the aorta, pulmonary trunk and superior vena cava (negatives that pass most "
@@ -196,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
         coca_root=str(args.coca_root) if args.coca_root else None, init_weights=init_weights,
         device=args.device, acquisition=args.acquisition, scattered_calcium=args.scattered_calcium,
         perivascular_calcium=args.perivascular_calcium, speck_lesions=args.speck_lesions,
-        input_set=args.input_set, int8_calibration_phantoms=args.int8_calibration_phantoms,
+        input_set=args.input_set, artery_loss_weight=args.artery_loss_weight,
+        int8_calibration_phantoms=args.int8_calibration_phantoms,
         review_phantoms=(0, 0) if args.coca_root else args.review_phantoms,
         patch_review_phantoms=(0, 0, 0) if args.coca_root else args.patch_review_phantoms,
         patch_review_min_share=args.patch_review_min_share, patch_review_context=args.patch_review_context,

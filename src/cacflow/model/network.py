@@ -8,6 +8,11 @@ exact); the network only classifies candidate calcium, on a coarse in-plane grid
 Output classes: 0 = calcium that is not coronary (bone, aorta, valves, noise),
 1 LM, 2 LAD, 3 LCX, 4 RCA.
 
+In training only, a network can carry a second output, the artery map: which
+artery, if any, each pixel lies on, calcified or not (``artery_head``). It teaches
+the shared layers where the arteries run; it is removed before export
+(``without_artery_heads``), so the graph that runs in the workflow has one output.
+
 ``CalciumEnsemble`` averages the class probabilities of several CalciumNets (the
 shipped model: two, trained alike on different amounts of data for different lengths).
 """
@@ -36,7 +41,7 @@ class CalciumNet(nn.Module):
     """U-Net with ``len(widths) - 1`` poolings; input H and W must be multiples
     of ``2 ** (len(widths) - 1)`` (the preprocessing pads to that)."""
 
-    def __init__(self, in_channels: int, widths: tuple[int, ...] = (16, 24, 32, 48, 64)):
+    def __init__(self, in_channels: int, widths: tuple[int, ...] = (16, 24, 32, 48, 64), artery_head: bool = False):
         super().__init__()
         self.widths = tuple(widths)
         self.encoders = nn.ModuleList()
@@ -48,12 +53,22 @@ class CalciumNet(nn.Module):
         for width_skip, width_below in zip(widths[-2::-1], widths[:0:-1]):
             self.decoders.append(_conv_block(width_skip + width_below, width_skip))
         self.head = nn.Conv2d(widths[0], N_CLASSES, 1)
+        # Background and the four arteries, read from the same features as ``head``.
+        self.artery_head = nn.Conv2d(widths[0], N_CLASSES, 1) if artery_head else None
 
     @property
     def size_multiple(self) -> int:
         return 2 ** (len(self.widths) - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self._features(x))
+
+    def forward_with_arteries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(calcium logits, artery-map logits) of a network built with ``artery_head``."""
+        features = self._features(x)
+        return self.head(features), self.artery_head(features)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
         for level, encoder in enumerate(self.encoders):
             if level > 0:
@@ -65,7 +80,7 @@ class CalciumNet(nn.Module):
             skip = skips.pop()
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
             x = decoder(torch.cat([skip, x], dim=1))
-        return self.head(x)
+        return x
 
 
 class CalciumEnsemble(nn.Module):
@@ -81,14 +96,22 @@ class CalciumEnsemble(nn.Module):
     # subnormal; one that flushes it to 0 gives -inf, which softmax maps back to 0.
     MIN_PROBABILITY = 1e-6
 
-    def __init__(self, in_channels: int, widths: tuple[int, ...], n_members: int):
+    def __init__(self, in_channels: int, widths: tuple[int, ...], n_members: int, artery_head: bool = False):
         super().__init__()
         if n_members < 2:
             raise ValueError(f"an ensemble needs at least two members, got {n_members}")
-        self.members = nn.ModuleList(CalciumNet(in_channels, widths) for _ in range(n_members))
+        self.members = nn.ModuleList(CalciumNet(in_channels, widths, artery_head) for _ in range(n_members))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probabilities = torch.stack([_channel_softmax(member(x)) for member in self.members]).mean(dim=0)
+        return self._mean_log_probabilities([member(x) for member in self.members])
+
+    def forward_with_arteries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both outputs of every member, each averaged as ``forward`` averages one."""
+        calcium, arteries = zip(*(member.forward_with_arteries(x) for member in self.members))
+        return self._mean_log_probabilities(calcium), self._mean_log_probabilities(arteries)
+
+    def _mean_log_probabilities(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        probabilities = torch.stack([_channel_softmax(each) for each in logits]).mean(dim=0)
         return torch.log(probabilities.clamp_min(self.MIN_PROBABILITY))
 
 
@@ -101,11 +124,29 @@ def _channel_softmax(logits: torch.Tensor) -> torch.Tensor:
     return exp / exp.sum(dim=1, keepdim=True)
 
 
-def build_network(in_channels: int, widths: tuple[int, ...], n_members: int = 1) -> nn.Module:
-    """One CalciumNet, or an ensemble of ``n_members`` of them."""
+def build_network(in_channels: int, widths: tuple[int, ...], n_members: int = 1, artery_head: bool = False) -> nn.Module:
+    """One CalciumNet, or an ensemble of ``n_members`` of them (``artery_head``: each
+    with the artery-map output, for training)."""
     if n_members == 1:
-        return CalciumNet(in_channels, widths)
-    return CalciumEnsemble(in_channels, widths, n_members)
+        return CalciumNet(in_channels, widths, artery_head)
+    return CalciumEnsemble(in_channels, widths, n_members, artery_head)
+
+
+def without_artery_heads(network: nn.Module) -> nn.Module:
+    """``network`` with its artery-map outputs removed (in place): what is exported and
+    shipped takes the calcium output only, and its weights load into a plain network."""
+    for module in network.modules():
+        if isinstance(module, CalciumNet):
+            module.artery_head = None
+    return network
+
+
+def with_fresh_artery_heads(state_dict: dict, target: dict) -> dict:
+    """``state_dict`` (weights without artery heads) completed with ``target``'s freshly
+    initialised artery heads: a network that learns the artery map starts from a
+    trained one's calcium output exactly."""
+    fresh = {name: value for name, value in target.items() if ".artery_head." in f".{name}" and name not in state_dict}
+    return {**state_dict, **fresh}
 
 
 def ensemble_size(state_dict: dict) -> int:

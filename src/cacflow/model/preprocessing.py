@@ -179,3 +179,19 @@ def network_targets(
         has_calcium = votes.sum(axis=1) > 0
         targets[z, has_calcium] = votes[has_calcium].argmax(axis=1)
     return targets.reshape(n_slices, grid.padded_height, grid.padded_width)
+
+
+# A coarse pixel lies on an artery when at least this share of it does: an artery of
+# 3-5 mm with its wall fills the 1.5 mm pixels along its centre line, not those it grazes.
+ARTERY_MIN_FRACTION = 0.25
+
+
+def artery_targets(vessel_labels: np.ndarray, grid: CoarseGrid,
+                   min_fraction: float = ARTERY_MIN_FRACTION) -> np.ndarray:
+    """Artery-map target per coarse pixel, for training only: the artery (1-4, as the
+    calcium classes) that covers the largest share of the pixel, when that share is at
+    least ``min_fraction``; 0 elsewhere in the scan; IGNORE_INDEX on the padding."""
+    shares = np.stack([grid.box_mean((vessel_labels == artery).astype(np.float32)) for artery in range(1, 5)])
+    targets = np.where(shares.max(axis=0) >= min_fraction, shares.argmax(axis=0) + 1, 0)
+    targets[:, grid.height:, :] = targets[:, :, grid.width:] = IGNORE_INDEX
+    return targets.astype(np.int64)
