@@ -144,9 +144,14 @@ class TrainingConfig:
         _check_acquisition(self.acquisition)
         if self.artery_loss_weight < 0:
             raise ValueError(f"artery_loss_weight must be 0 or more, not {self.artery_loss_weight}")
-        if self.artery_loss_weight and self.coca_root:
+        if self.learns_arteries and self.coca_root:
             raise ValueError("an artery map is learned on phantoms only: COCA annotations mark calcium, not the "
                              "arteries (leave artery_loss_weight at 0 for a COCA fine-tune)")
+
+    @property
+    def learns_arteries(self) -> bool:
+        """Whether the network also learns the artery map (``artery_loss_weight``)."""
+        return self.artery_loss_weight > 0
 
     @property
     def data_dir(self) -> Path:
@@ -363,7 +368,7 @@ def _dataset_recipe(config: TrainingConfig) -> dict:
     return {**training_stream(config.seed, config.acquisition, **{option: getattr(config, option)
                                                                   for option in STREAM_OPTIONS}),
             **input_set_record(config.input_set),
-            **({"artery_targets": True} if config.artery_loss_weight else {})}
+            **({"artery_targets": True} if config.learns_arteries else {})}
 
 
 def _claim_dataset(data_dir: Path, recipe: dict) -> None:
@@ -484,9 +489,12 @@ class CropSampler:
                 pool = calcium
             z, cy, cx = pool[self.rng.integers(len(pool))]
             jitter = self.rng.integers(-self.crop // 3, self.crop // 3 + 1, size=2)
-            window = self._window(targets.shape[1:], cy + jitter[0], cx + jitter[1])
+            height, width = targets.shape[1:]
+            window = self._window((height, width), cy + jitter[0], cx + jitter[1])
             xs.append(self._crop(inputs[z], window, -1.0))
-            xs[-1][4:] = np.where(xs[-1][4:] == -1.0, 0.0, xs[-1][4:])  # padding: air, no calcium
+            # Padding (only ever past the slice's last row or column): air in the
+            # windows, no calcium in the calcium channels.
+            xs[-1][4:, height:, :] = xs[-1][4:, :, width:] = 0.0
             ys.append(self._crop(targets[z], window, IGNORE_INDEX))
             if self.arteries:
                 maps.append(self._crop(artery_map[z], window, IGNORE_INDEX))
@@ -623,11 +631,11 @@ def _initial_network(config: TrainingConfig):
 
     from cacflow.model.network import build_network, ensemble_size, widened_first_layers, with_fresh_artery_heads
 
-    channels, artery_head = input_channels(config.input_set), config.artery_loss_weight > 0
+    channels = input_channels(config.input_set)
     if not config.init_weights:
-        return build_network(channels, config.widths, artery_head=artery_head)
+        return build_network(channels, config.widths, artery_head=config.learns_arteries)
     state = torch.load(config.init_weights, map_location="cpu", weights_only=True)
-    network = build_network(channels, config.widths, ensemble_size(state), artery_head)
+    network = build_network(channels, config.widths, ensemble_size(state), config.learns_arteries)
     target = network.state_dict()
     network.load_state_dict(with_fresh_artery_heads(widened_first_layers(state, target), target))
     config.notes["initial_weights_sha256"] = file_sha256(config.init_weights)
@@ -646,7 +654,7 @@ def _checkpoint_recipe(config: TrainingConfig) -> dict:
             "batch_size": config.batch_size, "crop": config.crop, "learning_rate": config.learning_rate,
             "widths": list(config.widths), "class_weights": list(config.class_weights),
             **_dataset_recipe(config), "coca_root": bool(config.coca_root),
-            **({"artery_loss_weight": config.artery_loss_weight} if config.artery_loss_weight else {}),
+            **({"artery_loss_weight": config.artery_loss_weight} if config.learns_arteries else {}),
             "initial_weights_sha256": file_sha256(config.init_weights) if config.init_weights else None}
 
 
@@ -698,8 +706,7 @@ def _fit(config: TrainingConfig):
     if not trained_on or trained_on[-1] != device_name:  # each leg of a resumed run that changed device
         trained_on.append(device_name)
     config.notes["trained_on"] = ", ".join(trained_on)
-    learns_arteries = config.artery_loss_weight > 0
-    sampler = CropSampler(data_dir, n_volumes, config.crop, rng, arteries=learns_arteries)
+    sampler = CropSampler(data_dir, n_volumes, config.crop, rng, arteries=config.learns_arteries)
     loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(config.class_weights, device=device),
                                   ignore_index=IGNORE_INDEX)
     artery_loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(ARTERY_CLASS_WEIGHTS, device=device),
@@ -707,13 +714,12 @@ def _fit(config: TrainingConfig):
     network.train()
     started, running = time.perf_counter(), []
     while step < config.steps:
-        batch = [torch.from_numpy(array).to(device) for array in sampler.batch(config.batch_size)]
-        x = batch[0].float()
-        if learns_arteries:
-            calcium_logits, artery_logits = network.forward_with_arteries(x)
-            loss = loss_fn(calcium_logits, batch[1]) + config.artery_loss_weight * artery_loss_fn(artery_logits, batch[2])
+        x, y, *artery_map = (torch.from_numpy(array).to(device) for array in sampler.batch(config.batch_size))
+        if config.learns_arteries:
+            calcium_logits, artery_logits = network.forward_with_arteries(x.float())
+            loss = loss_fn(calcium_logits, y) + config.artery_loss_weight * artery_loss_fn(artery_logits, artery_map[0])
         else:
-            loss = loss_fn(network(x), batch[1])
+            loss = loss_fn(network(x.float()), y)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
