@@ -532,6 +532,32 @@ def test_cohort_labels_match_dicom_geometry(tiny_cohort):
     assert set(np.unique(labels)) <= {0, 1, 2, 3, 4}
 
 
+def test_scan_of_record_is_the_series_the_cohort_scores(tiny_cohort):
+    """Analyses re-image a visit's scan of record without the cohort's files: it must
+    be the very series the cohort wrote and scored, voxel for voxel."""
+    root = tiny_cohort.parent
+    references = {r["participant_id"]: r for r in _read_tsv(root / "ground_truth" / "reference_scores.tsv")}
+    for plan in cohort_module.visit_plans(4, "tiny", seed=1):
+        record = cohort_module.scan_of_record(plan, seed=1, size="tiny")
+        if references[plan.participant]["expected_status"] == "not_scorable":
+            assert record is None
+            continue
+        kind, phantom = record
+        assert kind == references[plan.participant]["series_kind"]
+        assert phantom.reference["agatston_total"] == float(references[plan.participant]["agatston_total"])
+        truth = root / "ground_truth" / f"{plan.participant}_{plan.visit}"
+        assert np.array_equal(load_nifti(truth / "labels.nii.gz").hu, phantom.coronary_labels)
+        assert np.array_equal(load_nifti(truth / "vessels.nii.gz").hu, phantom.vessel_labels)
+        series = [s for s in _read_tsv(root / "ground_truth" / "series.tsv")
+                  if s["series_instance_uid"] == references[plan.participant]["series_instance_uid"]][0]
+        stored = sorted((d for d in map(pydicom.dcmread, (root / series["folder"]).iterdir())
+                         if d.SeriesInstanceUID == series["series_instance_uid"]),
+                        key=lambda d: float(d.ImagePositionPatient[2]))
+        hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in stored])
+        # the stored integers are the phantom's HU rounded (float32 ties may round either way)
+        assert hu.shape == phantom.hu.shape and np.abs(hu - phantom.hu).max() <= 0.5 + 1e-3
+
+
 def test_planted_identifiers_in_dicom_not_in_ground_truth(tiny_cohort):
     root = tiny_cohort.parent
     for row in _read_tsv(tiny_cohort):
@@ -567,7 +593,7 @@ def test_cohort_records_noncoronary_calcium(tiny_cohort):
 
 
 def test_random_participants_mix_nongated_scans_and_zero_calcium():
-    plans = cohort_module._plans(412, "demo", seed=7)[len(cohort_module._DEMO_PLANS):]
+    plans = cohort_module.visit_plans(412, "demo", seed=7)[len(cohort_module._DEMO_PLANS):]
     assert len(plans) == 400
     chest_only = [p for p in plans if "calcium_score" not in p.kinds]
     assert all("chest" in p.kinds for p in chest_only)

@@ -180,42 +180,77 @@ def _visit_seed(seed: int, participant: str) -> int:
     return int(np.random.SeedSequence([seed, int(participant.strip("P") or 0)]).generate_state(1)[0])
 
 
-def _generate_visit(args) -> dict:
-    """Write one visit's DICOM series and ground truth; return its table rows."""
-    out_dir, plan, seed, size, planted = args
-    patient_seed = _visit_seed(seed, plan.participant)  # same patient at every visit
+@dataclass(frozen=True)
+class _VisitDraws:
+    """What a visit draws before any series is imaged, in the order it draws them."""
+
+    patient_seed: int  # the same patient at every visit
+    rng: np.random.Generator  # the visit's own stream, for what is drawn after
+    identifiers: dict
+    heart_rate: int
+    pixel_spacing: float  # the zoomed cardiac field of view varies by patient
+
+
+def _draw_visit(plan: _Visit, seed: int, planted: dict | None = None) -> _VisitDraws:
+    patient_seed = _visit_seed(seed, plan.participant)
     rng = np.random.default_rng([patient_seed, sum(map(ord, plan.visit))])
     identifiers = _identifiers(np.random.default_rng([patient_seed, 0]), rng, plan)
     identifiers.update({k: str(v).format(participant=plan.participant, visit=plan.visit) for k, v in (planted or {}).items()})
-    visit_dir = out_dir / "dicom" / plan.participant / plan.visit
-    study_uid = uid("cacflow-synth", seed, plan.participant, plan.visit)
     heart_rate = int(rng.integers(52, 78))
-    pixel_spacing = round(float(rng.uniform(0.33, 0.45)), 3)  # zoomed cardiac FOV varies by patient
+    pixel_spacing = round(float(rng.uniform(0.33, 0.45)), 3)
+    return _VisitDraws(patient_seed, rng, identifiers, heart_rate, pixel_spacing)
+
+
+def _series_settings(plan: _Visit, size: str, pixel_spacing: float, kind: str, number: int, lesion_seed: int) -> PhantomSettings:
     patient = PhantomSettings(target_agatston=plan.target) if plan.target > 0 else PhantomSettings(n_coronary_lesions=0)
+    overrides = dict(_LOCALIZER if kind == "localizer" else _ACQUISITIONS[size][kind])
+    if kind in ("calcium_score", "low_kvp") and size == "demo":
+        overrides["pixel_spacing_mm"] = pixel_spacing
+    if kind == "calcium_score" and plan.vendor == "ge":
+        overrides.update(slice_thickness_mm=2.5, slice_increment_mm=2.5)  # SmartScore habit
+    return replace(patient, acquisition_seed=number, lesion_seed=lesion_seed, **overrides)
 
-    def settings_for(kind: str, number: int, lesion_seed: int) -> PhantomSettings:
-        overrides = dict(_LOCALIZER if kind == "localizer" else _ACQUISITIONS[size][kind])
-        if kind in ("calcium_score", "low_kvp") and size == "demo":
-            overrides["pixel_spacing_mm"] = pixel_spacing
-        if kind == "calcium_score" and plan.vendor == "ge":
-            overrides.update(slice_thickness_mm=2.5, slice_increment_mm=2.5)  # SmartScore habit
-        return replace(patient, acquisition_seed=number, lesion_seed=lesion_seed, **overrides)
 
+def _image_scan_of_record(plan: _Visit, size: str, draws: _VisitDraws) -> tuple[str | None, int, Phantom | None]:
+    """The series the reference scores (gated calcium score, else the chest scan, else
+    none): its kind, the lesion plan it needed and its phantom."""
+    scored_kind = "calcium_score" if "calcium_score" in plan.kinds else "chest" if "chest" in plan.kinds else None
+    if scored_kind is None:
+        return None, 0, None
+    number = plan.kinds.index(scored_kind) + 1
     # Lesion plans aim at the target by construction; should the scan of record still
     # land outside the target's risk category, draw another plan for the same anatomy.
-    scored_kind = "calcium_score" if "calcium_score" in plan.kinds else "chest" if "chest" in plan.kinds else None
-    lesion_seed, scored_phantom = 0, None
-    if scored_kind == "calcium_score":
-        number = plan.kinds.index(scored_kind) + 1
-        for lesion_seed in range(5):
-            scored_phantom = generate_phantom(patient_seed, settings_for(scored_kind, number, lesion_seed))
-            if risk_category(scored_phantom.reference["agatston_total"]) == risk_category(plan.target):
-                break
+    lesion_seed, tries = 0, 5 if scored_kind == "calcium_score" else 1
+    for lesion_seed in range(tries):
+        settings = _series_settings(plan, size, draws.pixel_spacing, scored_kind, number, lesion_seed)
+        phantom = generate_phantom(draws.patient_seed, settings)
+        if risk_category(phantom.reference["agatston_total"]) == risk_category(plan.target):
+            break
+    return scored_kind, lesion_seed, phantom
+
+
+def scan_of_record(plan: _Visit, seed: int, size: str = "demo") -> tuple[str, Phantom] | None:
+    """The kind and phantom of one visit's scan of record (None when it has none),
+    exactly as ``generate_cohort`` images it, without writing anything: for analyses
+    that need what a cohort's DICOM does not hold (the coronary tubes, the noise).
+    ``plan`` is one of ``visit_plans(n_participants, size, seed)``."""
+    kind, _, phantom = _image_scan_of_record(plan, size, _draw_visit(plan, seed))
+    return None if phantom is None else (kind, phantom)
+
+
+def _generate_visit(args) -> dict:
+    """Write one visit's DICOM series and ground truth; return its table rows."""
+    out_dir, plan, seed, size, planted = args
+    draws = _draw_visit(plan, seed, planted)
+    rng, identifiers = draws.rng, draws.identifiers
+    visit_dir = out_dir / "dicom" / plan.participant / plan.visit
+    study_uid = uid("cacflow-synth", seed, plan.participant, plan.visit)
+    scored_kind, lesion_seed, scored_phantom = _image_scan_of_record(plan, size, draws)
 
     series_rows, scored = [], None
     for number, kind in enumerate(plan.kinds, start=1):
-        settings = settings_for(kind, number, lesion_seed)
-        phantom = scored_phantom if kind == "calcium_score" else generate_phantom(patient_seed, settings)
+        settings = _series_settings(plan, size, draws.pixel_spacing, kind, number, lesion_seed)
+        phantom = scored_phantom if kind == scored_kind else generate_phantom(draws.patient_seed, settings)
         uids = {"study": study_uid, "series": uid(study_uid, number)}
         folder, naming = _series_folder(visit_dir, plan, number, kind, uids, identifiers["StudyDate"])
         source = phantom
@@ -228,7 +263,7 @@ def _generate_visit(args) -> dict:
             source, folder, series_kind=kind, uids=uids, tags=identifiers,
             vendor=plan.vendor, series_number=number, naming=naming,
             acquisition={"kvp": settings.kvp, "gated": gated, "contrast": settings.contrast,
-                         "blank_gating": plan.blank_gating, "heart_rate": heart_rate},
+                         "blank_gating": plan.blank_gating, "heart_rate": draws.heart_rate},
         )
         series_rows.append({
             "participant_id": plan.participant, "visit": plan.visit, "series_instance_uid": uids["series"],
@@ -294,7 +329,7 @@ def _write_tsv(path: Path, columns, rows) -> None:
 _RANDOM_CATEGORY_SHARES = (0.3, 0.175, 0.175, 0.175, 0.175)  # RISK_CATEGORIES order: "0" first
 
 
-def _plans(n_participants: int, size: str, seed: int) -> list[_Visit]:
+def visit_plans(n_participants: int, size: str, seed: int) -> list[_Visit]:
     """The hand-made plans, then random participants beyond them: a quarter with a
     non-gated chest scan only (the non-gated stratum of an evaluation), and zero
     calcium more often than each other category (the zero-calcium scans, with bone
@@ -345,7 +380,7 @@ def generate_cohort(
         "planted_identifiers_sha256": hashlib.sha256(
             json.dumps(planted_identifiers or {}, sort_keys=True).encode()).hexdigest(),
     })
-    plans = _plans(n_participants, size, seed)
+    plans = visit_plans(n_participants, size, seed)
     _check_disk_space(out_dir, n_participants, size)
     jobs = [(out_dir, plan, seed, size, planted_identifiers) for plan in plans]
     workers = workers or min(2, os.cpu_count() or 1)

@@ -1,0 +1,183 @@
+"""How far knowing where the coronary arteries run can take CAC >= 1 detection on a
+generated cohort (docs/evaluation.md, "How far place alone can go").
+
+    python tests/benchmarks/place_ceiling.py --seed 888001 --participants 120 > b.jsonl
+
+It images each visit's scan of record exactly as ``generate_cohort`` does (cohort B:
+seed 888001, 120 participants; C: 999001, 400) and reads it with an oracle that knows
+what no model can: every coronary tube (lumen and wall, and the plaques that bulge past
+it) and every voxel of non-coronary calcium, bone and noise spike (the noise-free
+image at >= 130 HU outside the coronary plaques, widened by 1 mm for the blur).
+
+Per slice, each 8-connected group of >= 130 HU pixels of at least 1 mm^2 in the image
+as the DICOM stores it (HU rounded) is one candidate, as in Agatston scoring. The
+oracle calls a candidate coronary when it lies within ``tolerance`` mm of a coronary
+tube and touches no non-coronary calcium; optionally only candidates of at least a
+given area and peak HU. A scan's score is the Agatston sum of its calls (times
+increment / 3 mm). Detection of CAC >= 1 is then compared with the generator's
+noise-free reference, the issue's primary one, as ``cacflow evaluate`` does: positive
+is a score >= 1 on both sides.
+
+What it measures: how many scans without coronary calcium show a candidate on an
+artery that only noise made, and whether any rule on place, size and brightness finds
+the specks while passing those by. It is not an upper bound for every model (a model
+may read texture or shape), but a decision by place can do no better than this.
+
+Prints one JSON object per scan ("scan"), then one per rule ("rule"). About 3 s per
+visit on 2 cores with --workers 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+from scipy import ndimage
+
+import cacflow.synth.phantom as phantom_module
+from cacflow.synth.cohort import scan_of_record, visit_plans
+
+THRESHOLD_HU = 130.0
+MIN_AREA_MM2 = 1.0
+NONCORONARY_MARGIN_MM = 1.0
+NEAREST_REPORTED_MM = 5.0  # candidates farther than this from every artery are only counted
+TOLERANCES_MM = (0.0, 1.0, 2.0)
+AREA_FLOORS_MM2 = (1.0, 1.5, 2.0, 3.0)
+PEAK_FLOORS_HU = (130.0, 150.0, 175.0, 200.0)
+
+
+def _weight(peak_hu: float) -> int:
+    return 1 if peak_hu < 200 else 2 if peak_hu < 300 else 3 if peak_hu < 400 else 4
+
+
+def _imaged_with_truth(plan, seed: int, size: str):
+    """The scan of record, the noise added to it and its coronary footprints.
+
+    The generator keeps neither the noise nor the footprints, so this wraps the two
+    functions that see them, in this (worker) process only, for the one call."""
+    seen = {}
+    noise_fn, image_reference_fn = phantom_module._correlated_noise, phantom_module.image_reference
+
+    def keep_noise(rng, shape, settings):
+        seen["noise"] = noise_fn(rng, shape, settings)
+        return seen["noise"]
+
+    def keep_footprints(hu, footprints, pixel_mm, increment_mm):
+        seen["footprints"] = footprints
+        return image_reference_fn(hu, footprints, pixel_mm, increment_mm)
+
+    phantom_module._correlated_noise, phantom_module.image_reference = keep_noise, keep_footprints
+    try:
+        record = scan_of_record(plan, seed, size)
+    finally:
+        phantom_module._correlated_noise, phantom_module.image_reference = noise_fn, image_reference_fn
+    if record is None:
+        return None
+    kind, phantom = record
+    return kind, phantom, seen["noise"], seen["footprints"]
+
+
+def candidates(image: np.ndarray, coronary: np.ndarray, artery: np.ndarray, noncoronary: np.ndarray,
+               pixel_mm: float, increment_mm: float) -> tuple[list[dict], dict]:
+    """Agatston candidates of ``image`` (HU as stored) within NEAREST_REPORTED_MM of
+    ``artery``, with what each is; and how many of each kind lie farther away."""
+    factor = increment_mm / 3.0
+    found, far = [], {"coronary": 0, "noncoronary": 0, "noise": 0}
+    for s in np.flatnonzero((image >= THRESHOLD_HU).any(axis=(1, 2))):
+        groups, n = ndimage.label(image[s] >= THRESHOLD_HU, structure=np.ones((3, 3)))
+        sizes = np.bincount(groups.ravel(), minlength=n + 1)
+        large = np.flatnonzero(sizes * pixel_mm * pixel_mm >= MIN_AREA_MM2)
+        large = large[large > 0]
+        if not len(large):
+            continue
+        if artery[s].any():
+            distance = ndimage.distance_transform_edt(~artery[s], sampling=pixel_mm)
+        else:
+            distance = np.full(image[s].shape, np.inf)
+        nearest = ndimage.minimum(distance, groups, large)
+        peaks = ndimage.maximum(image[s], groups, large)
+        on_plaque = np.bincount(groups[coronary[s]], minlength=n + 1) > 0
+        on_other_calcium = np.bincount(groups[noncoronary[s]], minlength=n + 1) > 0
+        for g, near, peak in zip(large, nearest, peaks):
+            what = "coronary" if on_plaque[g] else "noncoronary" if on_other_calcium[g] else "noise"
+            if near > NEAREST_REPORTED_MM:
+                far[what] += 1
+                continue
+            area = float(sizes[g]) * pixel_mm * pixel_mm
+            found.append({
+                "slice": int(s), "area_mm2": round(area, 3), "peak_hu": float(peak),
+                "agatston": round(area * _weight(float(peak)) * factor, 4), "distance_mm": round(float(near), 3),
+                "what": what,
+            })
+    return found, far
+
+
+def analyse_visit(args) -> dict | None:
+    plan, seed, size = args
+    imaged = _imaged_with_truth(plan, seed, size)
+    if imaged is None:
+        return None
+    kind, phantom, noise, footprints = imaged
+    increment, pixel, _ = phantom.spacing_mm
+    coronary = np.zeros(phantom.hu.shape, dtype=bool)
+    for box, mask, _vessel in footprints:
+        coronary[box] |= mask
+    artery = (phantom.vessel_labels > 0) | coronary
+    # Noise-free: the image before noise (spikes and streaks, added after, stay in).
+    clean = phantom.hu - noise
+    reach = int(np.ceil(NONCORONARY_MARGIN_MM / pixel))
+    disk = np.hypot(*np.mgrid[-reach:reach + 1, -reach:reach + 1]) * pixel <= NONCORONARY_MARGIN_MM
+    noncoronary = ndimage.binary_dilation((clean >= THRESHOLD_HU) & ~coronary, structure=disk[None])
+    found, far = candidates(np.rint(phantom.hu), coronary, artery, noncoronary, pixel, increment)
+    reference = phantom.reference
+    return {
+        "type": "scan", "participant_id": plan.participant, "visit": plan.visit,
+        "scan_type": "gated" if kind == "calcium_score" else "nongated",
+        "noise_hu": phantom.metadata["settings"]["noise_hu"], "pixel_spacing_mm": pixel, "increment_mm": increment,
+        "reference_agatston": reference["agatston_total"], "image_reference_agatston": reference["image_agatston_total"],
+        "candidates": found, "candidates_far_from_arteries": far,
+    }
+
+
+def rule_result(scans: list[dict], tolerance: float, area_floor: float, peak_floor: float) -> dict:
+    tp = fp = fn = tn = 0
+    false_by = {"noise": 0, "plaque_the_reference_scores_under_1": 0}
+    for scan in scans:
+        calls = [c for c in scan["candidates"] if c["what"] != "noncoronary" and c["distance_mm"] <= tolerance
+                 and c["area_mm2"] >= area_floor and c["peak_hu"] >= peak_floor]
+        called = sum(c["agatston"] for c in calls) >= 1.0
+        positive = scan["reference_agatston"] >= 1.0
+        tp, fp = tp + (called and positive), fp + (called and not positive)
+        fn, tn = fn + (positive and not called), tn + (not positive and not called)
+        if called and not positive:
+            false_by["noise" if not any(c["what"] == "coronary" for c in calls) else "plaque_the_reference_scores_under_1"] += 1
+    return {
+        "type": "rule", "tolerance_mm": tolerance, "area_floor_mm2": area_floor, "peak_floor_hu": peak_floor,
+        "tp": tp, "fn": fn, "tn": tn, "fp": fp,
+        "sensitivity": round(tp / (tp + fn), 4) if tp + fn else None,
+        "specificity": round(tn / (tn + fp), 4) if tn + fp else None,
+        "false_positives_by": false_by,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--participants", type=int, required=True)
+    parser.add_argument("--size", default="demo")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    jobs = [(plan, args.seed, args.size) for plan in visit_plans(args.participants, args.size, args.seed)]
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        scans = [scan for scan in pool.map(analyse_visit, jobs) if scan is not None]
+    for scan in scans:
+        print(json.dumps(scan), flush=True)
+    for tolerance, area, peak in itertools.product(TOLERANCES_MM, AREA_FLOORS_MM2, PEAK_FLOORS_HU):
+        print(json.dumps(rule_result(scans, tolerance, area, peak)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
