@@ -38,6 +38,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -54,6 +55,9 @@ from cacflow.model.preprocessing import (
     network_inputs,
     network_targets,
 )
+
+if TYPE_CHECKING:
+    from cacflow.synth.phantom import PhantomSettings
 
 log = logging.getLogger("cacflow.training")
 
@@ -973,6 +977,23 @@ ACQUISITION_CHANGES = {
 }
 
 
+def check_phantom_draws(n_scans: int, seed: int, change: str | None = None) -> list[tuple[int, PhantomSettings]]:
+    """(phantom seed, settings) of each scan of a check drawn like the training data
+    (validation, hold-out, specks, thin, acquisition checks), in order, with ``change``
+    (a key of ``ACQUISITION_CHANGES``) applied: ``generate_phantom(*draw)`` images it."""
+    if change is not None and change not in ACQUISITION_CHANGES:
+        raise ValueError(f"unknown change {change!r}; choose one of {', '.join(ACQUISITION_CHANGES)}")
+    rng = np.random.default_rng(seed)
+    change_rng = np.random.default_rng([seed, 1])
+    draws = []
+    for _ in range(n_scans):
+        settings = randomised_phantom_settings(rng)
+        if change is not None:
+            settings = ACQUISITION_CHANGES[change](settings, change_rng)
+        draws.append((int(rng.integers(2**31)), settings))
+    return draws
+
+
 def holdout_check(model_dir: str, n_scans: int = 40, seed: int = 99_000_001, workers: int = 2,
                   change: str | None = None, engine: str = "onnxruntime") -> dict:
     """Score generated scans never used in training (other seeds) with the exported
@@ -982,17 +1003,11 @@ def holdout_check(model_dir: str, n_scans: int = 40, seed: int = 99_000_001, wor
     set does not hold, or (``specks``) what its patients hold."""
     from cacflow.synth.phantom import generate_phantom
 
-    if change is not None and change not in ACQUISITION_CHANGES:
-        raise ValueError(f"unknown change {change!r}; choose one of {', '.join(ACQUISITION_CHANGES)}")
+    draws = check_phantom_draws(n_scans, seed, change)
     score = _phantom_scorer(model_dir, workers, engine)
-    rng = np.random.default_rng(seed)
-    change_rng = np.random.default_rng([seed, 1])
     rows = []
-    for index in range(n_scans):
-        settings = randomised_phantom_settings(rng)
-        if change is not None:
-            settings = ACQUISITION_CHANGES[change](settings, change_rng)
-        phantom = generate_phantom(int(rng.integers(2**31)), settings)
+    for index, (phantom_seed, settings) in enumerate(draws):
+        phantom = generate_phantom(phantom_seed, settings)
         predicted, predicted_range, _ = score(phantom)
         rows.append({
             "gated": settings.gated, "slice_thickness_mm": settings.slice_thickness_mm,

@@ -1,13 +1,17 @@
-"""How far knowing where the coronary arteries run can take CAC >= 1 detection on a
-generated cohort (docs/evaluation.md, "How far place alone can go").
+"""How far knowing where the coronary arteries run can take CAC >= 1 detection on
+generated scans (docs/evaluation.md, "How far place alone can go").
 
     python tests/benchmarks/place_ceiling.py --seed 888001 --participants 120 > b.jsonl
+    python tests/benchmarks/place_ceiling.py --check-seed 55000001 --check-scans 60 > validation.jsonl
 
 It images each visit's scan of record exactly as ``generate_cohort`` does (cohort B:
-seed 888001, 120 participants; C: 999001, 400) and reads it with an oracle that knows
-what no model can: every coronary tube (lumen and wall, and the plaques that bulge past
-it) and every voxel of non-coronary calcium, bone and noise spike (the noise-free
-image at >= 130 HU outside the coronary plaques, widened by 1 mm for the blur).
+seed 888001, 120 participants; C: 999001, 400), or with ``--check-seed`` the scans of
+a model check drawn like the training data (``cacflow.training.check_phantom_draws``:
+validation 55000001 x 60, specks 23000001 x 40 with ``--change specks``), and reads
+each with an oracle that knows what no model is given: every coronary tube (lumen and
+wall, and the plaques that bulge past it) and every voxel of non-coronary calcium, bone
+and noise spike (the noise-free image at >= 130 HU outside the coronary plaques,
+widened by 1 mm for the blur).
 
 Per slice, each 8-connected group of >= 130 HU pixels of at least 1 mm^2 in the image
 as the DICOM stores it (HU rounded) is one candidate, as in Agatston scoring. The
@@ -24,7 +28,7 @@ the specks while passing those by. It is not an upper bound for every model (a m
 may read texture or shape), but a decision by place can do no better than this.
 
 Prints one JSON object per scan ("scan"), then one per rule ("rule"). About 3 s per
-visit on 2 cores with --workers 2.
+scan on 2 cores with --workers 2.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from scipy import ndimage
 
 import cacflow.synth.phantom as phantom_module
 from cacflow.synth.cohort import scan_of_record, visit_plans
+from cacflow.training import check_phantom_draws
 
 THRESHOLD_HU = 130.0
 MIN_AREA_MM2 = 1.0
@@ -53,8 +58,8 @@ def _weight(peak_hu: float) -> int:
     return 1 if peak_hu < 200 else 2 if peak_hu < 300 else 3 if peak_hu < 400 else 4
 
 
-def _imaged_with_truth(plan, seed: int, size: str):
-    """The scan of record, the noise added to it and its coronary footprints.
+def _imaged_with_truth(make):
+    """``make()``'s phantom (or None), the noise added to it and its coronary footprints.
 
     The generator keeps neither the noise nor the footprints, so this wraps the two
     functions that see them, in this (worker) process only, for the one call."""
@@ -71,13 +76,10 @@ def _imaged_with_truth(plan, seed: int, size: str):
 
     phantom_module._correlated_noise, phantom_module.image_reference = keep_noise, keep_footprints
     try:
-        record = scan_of_record(plan, seed, size)
+        phantom = make()
     finally:
         phantom_module._correlated_noise, phantom_module.image_reference = noise_fn, image_reference_fn
-    if record is None:
-        return None
-    kind, phantom = record
-    return kind, phantom, seen["noise"], seen["footprints"]
+    return None if phantom is None else (phantom, seen["noise"], seen["footprints"])
 
 
 def candidates(image: np.ndarray, coronary: np.ndarray, artery: np.ndarray, noncoronary: np.ndarray,
@@ -115,12 +117,25 @@ def candidates(image: np.ndarray, coronary: np.ndarray, artery: np.ndarray, nonc
     return found, far
 
 
-def analyse_visit(args) -> dict | None:
-    plan, seed, size = args
-    imaged = _imaged_with_truth(plan, seed, size)
+def _cohort_scan(plan, seed: int, size: str):
+    record = scan_of_record(plan, seed, size)
+    return None if record is None else record[1]
+
+
+def analyse_scan(job) -> dict | None:
+    """One scan's candidates. ``job``: ("cohort", plan, seed, size) for a visit's scan
+    of record, or ("check", name, phantom seed, settings) for a check's scan."""
+    if job[0] == "cohort":
+        _, plan, seed, size = job
+        name, visit = plan.participant, plan.visit
+        imaged = _imaged_with_truth(lambda: _cohort_scan(plan, seed, size))
+    else:
+        _, name, phantom_seed, settings = job
+        visit = ""
+        imaged = _imaged_with_truth(lambda: phantom_module.generate_phantom(phantom_seed, settings))
     if imaged is None:
         return None
-    kind, phantom, noise, footprints = imaged
+    phantom, noise, footprints = imaged
     increment, pixel, _ = phantom.spacing_mm
     coronary = np.zeros(phantom.hu.shape, dtype=bool)
     for box, mask, _vessel in footprints:
@@ -132,11 +147,11 @@ def analyse_visit(args) -> dict | None:
     disk = np.hypot(*np.mgrid[-reach:reach + 1, -reach:reach + 1]) * pixel <= NONCORONARY_MARGIN_MM
     noncoronary = ndimage.binary_dilation((clean >= THRESHOLD_HU) & ~coronary, structure=disk[None])
     found, far = candidates(np.rint(phantom.hu), coronary, artery, noncoronary, pixel, increment)
-    reference = phantom.reference
+    reference, settings = phantom.reference, phantom.metadata["settings"]
     return {
-        "type": "scan", "participant_id": plan.participant, "visit": plan.visit,
-        "scan_type": "gated" if kind == "calcium_score" else "nongated",
-        "noise_hu": phantom.metadata["settings"]["noise_hu"], "pixel_spacing_mm": pixel, "increment_mm": increment,
+        "type": "scan", "participant_id": name, "visit": visit,
+        "scan_type": "gated" if settings["gated"] else "nongated",
+        "noise_hu": settings["noise_hu"], "kvp": settings["kvp"], "pixel_spacing_mm": pixel, "increment_mm": increment,
         "reference_agatston": reference["agatston_total"], "image_reference_agatston": reference["image_agatston_total"],
         "candidates": found, "candidates_far_from_arteries": far,
     }
@@ -165,14 +180,23 @@ def rule_result(scans: list[dict], tolerance: float, area_floor: float, peak_flo
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--participants", type=int, required=True)
+    parser.add_argument("--seed", type=int, help="cohort seed (with --participants)")
+    parser.add_argument("--participants", type=int)
     parser.add_argument("--size", default="demo")
+    parser.add_argument("--check-seed", type=int, help="a model check's seed instead of a cohort")
+    parser.add_argument("--check-scans", type=int, default=40)
+    parser.add_argument("--change", help="the check's change (cacflow.training.ACQUISITION_CHANGES), e.g. specks")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    jobs = [(plan, args.seed, args.size) for plan in visit_plans(args.participants, args.size, args.seed)]
+    if args.check_seed is not None:
+        draws = check_phantom_draws(args.check_scans, args.check_seed, args.change)
+        jobs = [("check", f"scan{index + 1}", phantom_seed, settings) for index, (phantom_seed, settings) in enumerate(draws)]
+    elif args.seed is not None and args.participants:
+        jobs = [("cohort", plan, args.seed, args.size) for plan in visit_plans(args.participants, args.size, args.seed)]
+    else:
+        parser.error("give --seed and --participants (a cohort) or --check-seed (a model check)")
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        scans = [scan for scan in pool.map(analyse_visit, jobs) if scan is not None]
+        scans = [scan for scan in pool.map(analyse_scan, jobs) if scan is not None]
     for scan in scans:
         print(json.dumps(scan), flush=True)
     for tolerance, area, peak in itertools.product(TOLERANCES_MM, AREA_FLOORS_MM2, PEAK_FLOORS_HU):

@@ -101,3 +101,19 @@ def test_script_reads_the_generators_truth_back(tmp_path):
         assert all(c["distance_mm"] == 0.0 for c in coronary)
         assert sum(c["agatston"] for c in coronary) == pytest.approx(scan["image_reference_agatston"], abs=1e-3)
     assert sum(r["type"] == "rule" for r in rows) == 3 * 4 * 4
+
+
+def test_check_mode_reads_the_scans_the_model_check_scores():
+    """--check-seed images the very scans ``holdout_check`` (the validation, hold-out
+    and speck checks) scores: the same references, scan by scan."""
+    from cacflow.training import holdout_check
+
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--check-seed", "55000001", "--check-scans", "2", "--workers", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    scans = [r for r in map(json.loads, completed.stdout.splitlines()) if r["type"] == "scan"]
+    checked = holdout_check(str(REPO / "src" / "cacflow" / "model" / "weights"), n_scans=2, seed=55_000_001, workers=1)
+    assert [s["reference_agatston"] for s in scans] == [r["reference"] for r in checked["scans"]]
+    assert [s["scan_type"] == "gated" for s in scans] == [r["gated"] for r in checked["scans"]]
