@@ -55,6 +55,8 @@ PEAK_FLOORS_HU = (130.0, 150.0, 175.0, 200.0)
 
 
 def _weight(peak_hu: float) -> int:
+    """Agatston's density weight, written out apart from cacflow's scoring code like the
+    generator's references."""
     return 1 if peak_hu < 200 else 2 if peak_hu < 300 else 3 if peak_hu < 400 else 4
 
 
@@ -158,6 +160,9 @@ def analyse_scan(job) -> dict | None:
 
 
 def rule_result(scans: list[dict], tolerance: float, area_floor: float, peak_floor: float) -> dict:
+    """CAC >= 1 detection of the oracle that calls every candidate within ``tolerance``
+    mm of an artery, not touching non-coronary calcium, of at least ``area_floor`` and
+    ``peak_floor``; its false calls split by whether a planted plaque was among them."""
     tp = fp = fn = tn = 0
     false_by = {"noise": 0, "plaque_the_reference_scores_under_1": 0}
     for scan in scans:
