@@ -45,19 +45,16 @@ import cacflow.synth.phantom as phantom_module
 from cacflow.synth.cohort import scan_of_record, visit_plans
 from cacflow.training import check_phantom_draws
 
-THRESHOLD_HU = 130.0
-MIN_AREA_MM2 = 1.0
+# Agatston's threshold, minimum area and density weight as the generator's references
+# write them, apart from cacflow's scoring code.
+THRESHOLD_HU = phantom_module.AGATSTON_THRESHOLD_HU
+MIN_AREA_MM2 = phantom_module.AGATSTON_MIN_AREA_MM2
+_weight = phantom_module._weight
 NONCORONARY_MARGIN_MM = 1.0
 NEAREST_REPORTED_MM = 5.0  # candidates farther than this from every artery are only counted
 TOLERANCES_MM = (0.0, 1.0, 2.0)
 AREA_FLOORS_MM2 = (1.0, 1.5, 2.0, 3.0)
 PEAK_FLOORS_HU = (130.0, 150.0, 175.0, 200.0)
-
-
-def _weight(peak_hu: float) -> int:
-    """Agatston's density weight, written out apart from cacflow's scoring code like the
-    generator's references."""
-    return 1 if peak_hu < 200 else 2 if peak_hu < 300 else 3 if peak_hu < 400 else 4
 
 
 def _imaged_with_truth(make):

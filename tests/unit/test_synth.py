@@ -537,6 +537,7 @@ def test_scan_of_record_is_the_series_the_cohort_scores(tiny_cohort):
     be the very series the cohort wrote and scored, voxel for voxel."""
     root = tiny_cohort.parent
     references = {r["participant_id"]: r for r in _read_tsv(root / "ground_truth" / "reference_scores.tsv")}
+    folders = {s["series_instance_uid"]: s["folder"] for s in _read_tsv(root / "ground_truth" / "series.tsv")}
     for plan in cohort_module.visit_plans(4, "tiny", seed=1):
         record = cohort_module.scan_of_record(plan, seed=1, size="tiny")
         if references[plan.participant]["expected_status"] == "not_scorable":
@@ -548,10 +549,9 @@ def test_scan_of_record_is_the_series_the_cohort_scores(tiny_cohort):
         truth = root / "ground_truth" / f"{plan.participant}_{plan.visit}"
         assert np.array_equal(load_nifti(truth / "labels.nii.gz").hu, phantom.coronary_labels)
         assert np.array_equal(load_nifti(truth / "vessels.nii.gz").hu, phantom.vessel_labels)
-        series = [s for s in _read_tsv(root / "ground_truth" / "series.tsv")
-                  if s["series_instance_uid"] == references[plan.participant]["series_instance_uid"]][0]
-        stored = sorted((d for d in map(pydicom.dcmread, (root / series["folder"]).iterdir())
-                         if d.SeriesInstanceUID == series["series_instance_uid"]),
+        series_uid = references[plan.participant]["series_instance_uid"]
+        stored = sorted((d for d in map(pydicom.dcmread, (root / folders[series_uid]).iterdir())
+                         if d.SeriesInstanceUID == series_uid),
                         key=lambda d: float(d.ImagePositionPatient[2]))
         hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in stored])
         # the stored integers are the phantom's HU rounded (float32 ties may round either way)

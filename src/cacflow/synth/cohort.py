@@ -220,7 +220,7 @@ def _image_scan_of_record(plan: _Visit, size: str, draws: _VisitDraws) -> tuple[
     number = plan.kinds.index(scored_kind) + 1
     # Lesion plans aim at the target by construction; should the scan of record still
     # land outside the target's risk category, draw another plan for the same anatomy.
-    lesion_seed, tries = 0, 5 if scored_kind == "calcium_score" else 1
+    tries = 5 if scored_kind == "calcium_score" else 1
     for lesion_seed in range(tries):
         settings = _series_settings(plan, size, draws.pixel_spacing, scored_kind, number, lesion_seed)
         phantom = generate_phantom(draws.patient_seed, settings)
