@@ -5,7 +5,6 @@ generator's own coronary truth back."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "benchmarks" / "place_ceiling.py"
@@ -20,10 +20,7 @@ SCRIPT = REPO / "tests" / "benchmarks" / "place_ceiling.py"
 
 @pytest.fixture(scope="module")
 def place_ceiling():
-    spec = importlib.util.spec_from_file_location("place_ceiling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("place_ceiling")
 
 
 def test_candidates_of_a_hand_built_slice(place_ceiling):
