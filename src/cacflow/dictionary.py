@@ -169,7 +169,9 @@ DEFINITIONS: dict[str, str] = {
         "contrast whatever its tags say: the median HU of the cardiac blood pool "
         "(blood_pool_hu) above 200 HU makes the visit not scorable (contrast_blood_pool); "
         "when it cannot be measured (no lungs in the field of view) the scan is scored "
-        "and flagged (blood_pool_unmeasured)."
+        "and flagged (blood_pool_unmeasured). Its pixel noise (image_noise_hu) above "
+        "30 HU flags it too (noisy_image): noise that high lifts specks of soft tissue "
+        "over 130 HU, so small scores are less certain."
     ),
     "Missing values": (
         "A missing value is always a null (NA in R, NULL in DuckDB, NaN/None/NA in "

@@ -276,7 +276,9 @@ def convert_visit(visit: dict, nifti_dir: Path, settings: dict) -> dict:
     except ConversionError as error:
         visit.update(status=FAILED, status_reason=f"conversion failed: {error}")
         return visit
-    check_blood_pool(visit, load_volume(target), settings)
+    volume = load_volume(target)
+    check_blood_pool(visit, volume, settings)
+    check_image_noise(visit, volume, settings)
     return visit
 
 
@@ -291,13 +293,31 @@ def check_blood_pool(visit: dict, volume, settings: dict) -> None:
     """The image's own contrast check: a contrast-enhanced scan is not scored, an
     unmeasurable one is flagged (tags can be blank, so they are not enough)."""
     from cacflow.blood_pool import measure_blood_pool
-    from cacflow.qc import FAIL, LIST_SEPARATOR, PASS, blood_pool_contrast_check
+    from cacflow.qc import blood_pool_contrast_check
 
     measured = measure_blood_pool(volume.hu, volume.spacing_mm)
     visit["blood_pool_hu"] = measured.hu
-    check = blood_pool_contrast_check(measured.hu, qc_settings_from_config(settings))
     log.info("%s %s: blood pool %s (%s)", visit["participant_id"], visit["visit"],
              "unmeasured" if measured.hu is None else f"{measured.hu:.0f} HU", measured.note)
+    _apply_image_check(visit, blood_pool_contrast_check(measured.hu, qc_settings_from_config(settings)))
+
+
+def check_image_noise(visit: dict, volume, settings: dict) -> None:
+    """The image's pixel noise: a noisy scan is scored and flagged, as its small scores
+    are less certain."""
+    from cacflow.pixel_noise import pixel_noise_hu
+    from cacflow.qc import image_noise_check
+
+    in_plane_mm = (float(volume.spacing_mm[1]) + float(volume.spacing_mm[2])) / 2
+    visit["image_noise_hu"] = pixel_noise_hu(volume.hu, in_plane_mm)
+    _apply_image_check(visit, image_noise_check(visit["image_noise_hu"], qc_settings_from_config(settings)))
+
+
+def _apply_image_check(visit: dict, check) -> None:
+    """Add a check on the converted image to the visit's QC verdict: a failed one makes
+    it not scorable."""
+    from cacflow.qc import FAIL, LIST_SEPARATOR, PASS
+
     if check.status == PASS:
         return
     visit["qc_reasons"] = LIST_SEPARATOR.join([*reason_codes(visit.get("qc_reasons")), check.code])
@@ -640,13 +660,13 @@ def stage_aggregate(scan_paths, lesion_paths, series_paths, reference_paths, wit
 
 # QC codes of the checks run on the converted image (after selection), which the
 # chosen series' row must show too.
-IMAGE_CHECK_CODES = ("contrast_blood_pool", "blood_pool_unmeasured")
+IMAGE_CHECK_CODES = ("contrast_blood_pool", "blood_pool_unmeasured", "noisy_image")
 
 
 def apply_image_checks(series: list[dict], scans: list[dict]) -> None:
     """Carry the image checks' outcome back to the chosen series' row: a series that
     failed one is no longer the chosen one, and says why."""
-    from cacflow.qc import FAIL, LIST_SEPARATOR, MESSAGE_SEPARATOR, PASS, WARN, blood_pool_contrast_check
+    from cacflow.qc import FAIL, LIST_SEPARATOR, MESSAGE_SEPARATOR, PASS, WARN
 
     found = {}
     for scan in scans:
@@ -666,10 +686,19 @@ def apply_image_checks(series: list[dict], scans: list[dict]) -> None:
                        not_chosen_reason=f"chosen, then failed the image check after conversion: {message}")
             row["qc_messages"] = MESSAGE_SEPARATOR.join(m for m in (row.get("qc_messages"), message) if m)
         else:
-            unmeasured = blood_pool_contrast_check(None).message
-            row["qc_messages"] = MESSAGE_SEPARATOR.join(m for m in (row.get("qc_messages"), unmeasured) if m)
+            messages = [_image_warning(code, scan) for code in codes]
+            row["qc_messages"] = MESSAGE_SEPARATOR.join(m for m in (row.get("qc_messages"), *messages) if m)
             if row.get("qc_status") == PASS:
                 row["qc_status"] = WARN
+
+
+def _image_warning(code: str, scan: dict) -> str:
+    """The sentence of an image check that warned (``IMAGE_CHECK_CODES``) on ``scan``."""
+    from cacflow.qc import blood_pool_contrast_check, image_noise_check
+
+    if code == "noisy_image":
+        return image_noise_check(scan.get("image_noise_hu")).message
+    return blood_pool_contrast_check(None).message
 
 
 def _provenance(scans: list[dict]) -> dict:

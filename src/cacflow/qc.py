@@ -42,6 +42,9 @@ class QCSettings:
     min_fov_mm: float = 100.0  # the heart is ~120 mm across; zoomed cardiac FOVs are >= ~150 mm
     min_z_extent_mm: float = 80.0  # a heart is ~120 mm long; less coverage may cut it
     blood_pool_contrast_hu: float = 200.0  # aortic blood pool above this means contrast
+    # Image noise (cacflow.pixel_noise) above which noise alone lifts specks over 130 HU on
+    # the arteries of some scans, so that small scores are less certain (docs/qc.md).
+    max_image_noise_hu: float = 30.0
 
 
 DEFAULT_SETTINGS = QCSettings()
@@ -260,6 +263,19 @@ def blood_pool_contrast_check(mean_hu: float | None, settings: QCSettings = DEFA
                      f"The aortic blood pool measures {mean_hu:.0f} HU (above {limit:.0f} HU): the scan is "
                      "contrast-enhanced, and contrast makes calcium scoring invalid. Use a non-contrast scan.")
     return Check("blood_pool", PASS, "ok", f"The aortic blood pool measures {mean_hu:.0f} HU: no contrast.")
+
+
+def image_noise_check(noise_hu: float | None, settings: QCSettings = DEFAULT_SETTINGS) -> Check:
+    """Pixel noise of the converted image (``cacflow.pixel_noise``, measured at conversion)."""
+    limit = settings.max_image_noise_hu
+    if noise_hu is None or noise_hu != noise_hu:
+        return Check("image_noise", PASS, "ok", "The image noise could not be measured (too little soft tissue).")
+    if noise_hu > limit:
+        return Check("image_noise", WARN, "noisy_image",
+                     f"The image noise measures {noise_hu:.0f} HU (above {limit:.0f} HU): noise this high lifts "
+                     "specks of soft tissue over the 130 HU threshold, so small scores (Agatston under about 10) "
+                     "are less certain, in both directions. The scan is scored.")
+    return Check("image_noise", PASS, "ok", f"The image noise measures {noise_hu:.0f} HU.")
 
 
 def _ok(name: str, message: str) -> list[Check]:

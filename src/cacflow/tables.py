@@ -238,6 +238,14 @@ SCANS: list[Column] = [
         "lungs in the field of view) or the visit was not converted. See Definitions: "
         "Quality control.",
     ),
+    _c(
+        "image_noise_hu", _F64, "HU",
+        "Pixel noise of the converted volume: the median HU standard deviation in 5 mm "
+        "windows of soft tissue. Above 30 HU the scan is flagged (noisy_image): small "
+        "scores are less certain. Null when it could not be measured, the visit was not "
+        "converted, or its row was kept from a run of a cacflow that did not measure it. "
+        "See Definitions: Quality control.",
+    ),
     _KVP,
     _THICKNESS,
     _INCREMENT,

@@ -6,9 +6,9 @@ Ground truth comes from the phantom generator's definition of blood (40 HU, plus
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
+from visit_rows import default_settings, pending_visit
 
 from cacflow.blood_pool import measure_blood_pool
 from cacflow.synth.phantom import PhantomSettings, generate_phantom
@@ -90,22 +90,11 @@ def test_real_qrm_phantom_is_not_called_contrast(tmp_path, phantom_dir):
 
 # --- the check in the pipeline ---------------------------------------------------------
 
-def _visit(**fields):
-    return {"participant_id": "P1", "visit": "1", "status": "pending", "status_reason": None,
-            "qc_status": "pass", "qc_reasons": None, **fields}
-
-
-def _settings():
-    from cacflow.config import load_config
-
-    return load_config()
-
-
 def test_pipeline_stops_a_contrast_scan_with_a_reason():
     from cacflow.pipeline import NOT_SCORABLE, check_blood_pool
 
-    visit = _visit()
-    check_blood_pool(visit, generate_phantom(3, PhantomSettings(contrast=True)).volume(), _settings())
+    visit = pending_visit()
+    check_blood_pool(visit, generate_phantom(3, PhantomSettings(contrast=True)).volume(), default_settings())
     assert visit["status"] == NOT_SCORABLE and visit["qc_status"] == "fail"
     assert "contrast_blood_pool" in visit["status_reason"] and "HU" in visit["status_reason"]
     assert visit["qc_reasons"] == "contrast_blood_pool"
@@ -115,8 +104,8 @@ def test_pipeline_stops_a_contrast_scan_with_a_reason():
 def test_pipeline_scores_an_unenhanced_scan_and_records_the_value():
     from cacflow.pipeline import PENDING, check_blood_pool
 
-    visit = _visit(qc_reasons="kvp_not_expected", qc_status="warn")
-    check_blood_pool(visit, generate_phantom(3, PhantomSettings()).volume(), _settings())
+    visit = pending_visit(qc_reasons="kvp_not_expected", qc_status="warn")
+    check_blood_pool(visit, generate_phantom(3, PhantomSettings()).volume(), default_settings())
     assert (visit["status"], visit["qc_status"], visit["qc_reasons"]) == (PENDING, "warn", "kvp_not_expected")
     assert visit["blood_pool_hu"] == pytest.approx(UNENHANCED_BLOOD_HU, abs=10)
 
@@ -126,8 +115,8 @@ def test_pipeline_flags_an_unmeasurable_scan_but_scores_it():
     from cacflow.volume import Volume
 
     hu = np.zeros((10, 64, 64), dtype=np.float32)
-    visit = _visit()
-    check_blood_pool(visit, Volume(hu, (3.0, 1.0, 1.0)), _settings())
+    visit = pending_visit()
+    check_blood_pool(visit, Volume(hu, (3.0, 1.0, 1.0)), default_settings())
     assert (visit["status"], visit["qc_status"], visit["qc_reasons"]) == (PENDING, "warn", "blood_pool_unmeasured")
     assert visit["blood_pool_hu"] is None
 
@@ -135,8 +124,8 @@ def test_pipeline_flags_an_unmeasurable_scan_but_scores_it():
 def test_the_contrast_limit_comes_from_the_config():
     from cacflow.pipeline import PENDING, check_blood_pool
 
-    settings = _settings()
+    settings = default_settings()
     settings["qc"]["blood_pool_contrast_hu"] = 600.0
-    visit = _visit()
+    visit = pending_visit()
     check_blood_pool(visit, generate_phantom(3, PhantomSettings(contrast=True)).volume(), settings)
     assert visit["status"] == PENDING and visit["qc_status"] == "pass"
