@@ -6,8 +6,8 @@ Run by hand (not a test):  python tests/benchmarks/bench_cpu.py [--scans 4] [--r
 Generates gated calcium-score series (real DICOM), then times each stage of the
 per-visit path the workflow runs (discover, QC + select, dcm2niix, load, network
 preprocessing / engine / candidate vote, score; "convert" includes the
-blood-pool contrast measurement) for every scan, several times, and
-prints medians. Each engine runs in its own process so its peak memory (max RSS) is
+blood-pool contrast and image noise measurements, and the noise measurement is also
+timed on its own) for every scan, several times, and prints medians. Each engine runs in its own process so its peak memory (max RSS) is
 measured alone. The ONNX Runtime engine is compared with PyTorch on the CPU, both
 measured in this run.
 """
@@ -48,6 +48,7 @@ def time_engine(engine: str, folders: list[str], repeats: int, queue, model_dir:
     from cacflow.config import load_config
     from cacflow.convert import load_volume
     from cacflow.manifest import VisitEntry
+    from cacflow.pixel_noise import pixel_noise_hu
 
     config = load_config()
     config["model"] = model_dir
@@ -55,6 +56,7 @@ def time_engine(engine: str, folders: list[str], repeats: int, queue, model_dir:
     inferer = pipeline.Inferer(engine, config)
     load_seconds = time.perf_counter() - started
     stages: dict[str, list[float]] = {}
+    within_convert: dict[str, list[float]] = {}  # parts of the convert stage, timed again alone
     totals = []
     with tempfile.TemporaryDirectory() as work:
         for repeat in range(repeats):
@@ -72,6 +74,9 @@ def time_engine(engine: str, folders: list[str], repeats: int, queue, model_dir:
                 t = time.perf_counter()
                 volume = load_volume(visit["nifti_path"], visit.get("slice_thickness_mm"))
                 clock["load_nifti"] = time.perf_counter() - t
+                t = time.perf_counter()
+                pixel_noise_hu(volume.hu, float(volume.spacing_mm[1]))
+                within_convert.setdefault("image_noise", []).append(time.perf_counter() - t)
                 segmentation = inferer.segmenter.segment(volume.hu, volume.spacing_mm, scan_type=visit["scan_type"])
                 clock["infer_preprocess"] = segmentation.seconds_preprocess
                 clock["infer_engine"] = segmentation.seconds_engine
@@ -84,7 +89,9 @@ def time_engine(engine: str, folders: list[str], repeats: int, queue, model_dir:
                 totals.append(sum(clock.values()))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     queue.put({"engine": inferer.engine.label, "model_load_s": load_seconds, "total_median_s": statistics.median(totals),
-               "stages_median_s": {k: statistics.median(v) for k, v in stages.items()}, "peak_rss_mb": peak_mb,
+               "stages_median_s": {k: statistics.median(v) for k, v in stages.items()},
+               "within_convert_median_s": {k: statistics.median(v) for k, v in within_convert.items()},
+               "peak_rss_mb": peak_mb,
                "n_measurements": len(totals)})
 
 
@@ -125,6 +132,8 @@ def main() -> None:
               f"peak memory {result['peak_rss_mb']:.0f} MB, model load {result['model_load_s']:.2f} s")
         for stage, seconds in result["stages_median_s"].items():
             print(f"  {stage:18s} {seconds:6.3f} s")
+        for part, seconds in result["within_convert_median_s"].items():
+            print(f"  ({part} within convert: {seconds:.3f} s)")
     if len(results) > 1:
         base = results[-1]
         for result in results[:-1]:

@@ -697,6 +697,12 @@ def b_contrast_tags_blank(folder, pid):
     _write(_phantom(contrast=True), folder, pid, acquisition={"kvp": 120, "gated": True, "contrast": False})
 
 
+def b_noisy_gated(folder, pid):
+    """The reference patient's gated 3 mm scan at 45 HU of noise (a large patient, a low
+    dose): scored, and flagged because small scores are less certain at such noise."""
+    _write(_phantom(noise_hu=45.0), folder, pid)
+
+
 # (participant id, builder, expectation). The ids' numbers are stable: append new kinds.
 def kinds() -> list[tuple[Kind, Callable]]:
     k = Kind
@@ -818,6 +824,8 @@ def kinds() -> list[tuple[Kind, Callable]]:
         (k("BAD53_contrast_tags_blank", "contrast-enhanced gated scan whose contrast tags are blank", NOT_SCORABLE,
            ("contrast_blood_pool", "HU"), ("contrast_blood_pool",), n_series=1, log_text=("blood pool",)),
          b_contrast_tags_blank),
+        (k("BAD54_noisy_gated", "gated 3 mm scan at 45 HU of noise", SCORED, ("noisy_image",), ("noisy_image",),
+           n_series=1), b_noisy_gated),
     ]
     return table
 
