@@ -5,10 +5,10 @@ Run by hand (not a test):  python tests/benchmarks/bench_cpu.py [--scans 4] [--r
 
 Generates gated calcium-score series (real DICOM), then times each stage of the
 per-visit path the workflow runs (discover, QC + select, dcm2niix, load, network
-preprocessing / engine / candidate vote, score; "convert" includes the
-blood-pool contrast and image noise measurements, and the noise measurement is also
-timed on its own) for every scan, several times, and prints medians. Each engine runs in its own process so its peak memory (max RSS) is
-measured alone. The ONNX Runtime engine is compared with PyTorch on the CPU, both
+preprocessing / engine / candidate vote, score; "convert" includes the blood-pool
+contrast and image noise measurements, and the noise measurement is also timed on its
+own) for every scan, several times, and prints medians. Each engine runs in its own
+process so its peak memory (max RSS) is measured alone. The ONNX Runtime engine is compared with PyTorch on the CPU, both
 measured in this run.
 """
 

@@ -32,8 +32,6 @@ PATCH = 96
 PIXEL_MM = 0.5
 STREAM_SEED = 180_000_001
 N_PHANTOMS, HELD_OUT = 300, 20
-IN_PLANE_8_CONNECTED = np.zeros((3, 3, 3), bool)
-IN_PLANE_8_CONNECTED[1] = True
 
 
 def _sample_grid(center_yx, pixel_mm: float):
@@ -68,6 +66,8 @@ def normalise(patch: np.ndarray) -> np.ndarray:
 def training_patches(phantom, rng: np.random.Generator, n_calcium: int = 30, n_artery: int = 10, n_heart: int = 6):
     """(images [n, 3, P, P] float16, on-artery targets [n, P, P], calcium [n, P, P]) of
     one phantom, or None when it has no artery."""
+    from cacflow.inference import IN_PLANE_8_CONNECTED
+
     hu, pixel = phantom.hu, phantom.spacing_mm[1]
     artery = (phantom.vessel_labels > 0) | (phantom.coronary_labels > 0)
     calcium = hu >= 130.0

@@ -54,12 +54,11 @@ FINE_RULE = (30.0, 0.1, 0.9)
 def artery_map(checkpoint: Path):
     import torch
 
-    from cacflow.model.network import build_network
+    from cacflow.model.network import build_network, first_layer_channels
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["network"]
     n_members = len({key.split(".")[1] for key in state if key.startswith("members.")}) or 1
-    in_channels = state[next(key for key in state if key.endswith("encoders.0.0.weight"))].shape[1]
-    network = build_network(in_channels, (16, 24, 32, 48, 64), n_members, artery_head=True)
+    network = build_network(first_layer_channels(state), (16, 24, 32, 48, 64), n_members, artery_head=True)
     network.load_state_dict(state)
     return network.eval()
 
@@ -69,7 +68,7 @@ def artery_shares(network, inputs, grid, candidates, chosen: np.ndarray) -> np.n
     run on their slices only."""
     import torch
 
-    from cacflow.inference import BATCH_SLICES, calcium_cell_probabilities
+    from cacflow.inference import BATCH_SLICES, calcium_cell_probabilities, summed_by_component
 
     z, y, x = candidates.voxels
     on_chosen = np.isin(candidates.of_voxel, chosen)
@@ -80,10 +79,8 @@ def artery_shares(network, inputs, grid, candidates, chosen: np.ndarray) -> np.n
             batch = slices[start:start + BATCH_SLICES]
             logits[batch] = network.forward_with_arteries(torch.from_numpy(np.ascontiguousarray(inputs[batch])))[1].numpy()
     probabilities = calcium_cell_probabilities(logits, grid, z[on_chosen], y[on_chosen], x[on_chosen])
-    component = candidates.of_voxel[on_chosen]
-    voxels = np.bincount(component, minlength=candidates.count + 1)
-    summed = np.bincount(component, weights=1 - probabilities[:, 0], minlength=candidates.count + 1)
-    return (summed / np.maximum(voxels, 1))[chosen]
+    votes = summed_by_component(candidates.of_voxel[on_chosen], probabilities, candidates.count + 1)
+    return (votes[:, 1:].sum(axis=1) / np.maximum(votes.sum(axis=1), 1e-12))[chosen]
 
 
 def analyse(phantom, segmenter, network, fine_map=None) -> dict:
@@ -209,10 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     network = artery_map(args.artery_checkpoint)
     fine_map = None
     if args.fine_artery_map:
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from fine_artery_map import load_map
+        from fine_artery_map import load_map  # beside this script, first on sys.path when it runs
 
         fine_map = load_map(args.fine_artery_map)
     only = set(args.only.split(",")) if args.only else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from benchmark_scripts import load_benchmark
 
+
 @pytest.fixture(scope="module")
 def quiet_scan_rule():
     return load_benchmark("quiet_scan_rule")
