@@ -18,8 +18,8 @@ decision and scorer), the generator's noise and the image's (``cacflow.pixel_noi
 the references, and every in-slice candidate of at least 1 mm^2 with a coronary share
 of at least 0.02: share, most probable artery, the artery map's share (the fourteenth
 candidate's artery output, fp32, from its training checkpoint: ``cacflow train
---artery-loss-weight 0.1``, recipe in docs/evaluation.md), area, peak HU and whether it
-holds a planted coronary plaque.
+--artery-loss-weight 0.1``, recipe in docs/evaluation.md; null without
+``--artery-checkpoint``), area, peak HU and whether it holds a planted coronary plaque.
 
 With ``--fine-artery-map WEIGHTS`` (``fine_artery_map.py train``) each candidate also
 gets ``fine_artery_share``, the full-resolution map's mean over its pixels (the
@@ -103,11 +103,12 @@ def analyse(phantom, segmenter, network, fine_map=None) -> dict:
         chosen = np.flatnonzero((area >= MIN_AREA_MM2) & (share >= KEPT_SHARE))
         chosen = chosen[chosen > 0]
         if len(chosen):
-            arteries = artery_shares(network, inputs, grid, candidates, chosen)
+            arteries = (artery_shares(network, inputs, grid, candidates, chosen) if network is not None
+                        else [None] * len(chosen))
             peaks = ndimage.maximum(hu, candidates.components, index=chosen)
             coronary = candidates.holding(phantom.coronary_labels > 0)
             vessel = candidates.votes[:, 1:].argmax(axis=1) + 1
-            rows = [{"share": float(share[k]), "vessel": int(vessel[k]), "artery_share": float(a),
+            rows = [{"share": float(share[k]), "vessel": int(vessel[k]), "artery_share": None if a is None else float(a),
                      "area": float(area[k]), "peak": float(p), "coronary": bool(coronary[k])}
                     for k, a, p in zip(chosen, arteries, peaks)]
             if fine_map is not None:
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("seed", nargs="?", type=int)
     parser.add_argument("n", nargs="?", type=int, help="scans, or the cohort's participants")
     parser.add_argument("--only", help="cohort: comma-separated participant/visit pairs")
-    parser.add_argument("--artery-checkpoint", type=Path, help="the fourteenth candidate's checkpoint.pt")
+    parser.add_argument("--artery-checkpoint", type=Path,
+                        help="the fourteenth candidate's checkpoint.pt; without it artery_share is null")
     parser.add_argument("--fine-artery-map", type=Path, help="the eighteenth's weights (fine_artery_map.py train)")
     parser.add_argument("--rule", nargs="+", metavar="TABLE", help="read tables instead and print the rules' counts")
     parser.add_argument("--artery-key", default="artery_share", choices=("artery_share", "fine_artery_share"),
@@ -196,14 +198,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps({"table": path, "rule": list(rule), "preregistered": rule == (FINE_RULE if fine else RULE),
                                   **rule_counts(scans, rule, args.artery_key)}))
         return
-    if args.set is None or args.seed is None or args.n is None or args.artery_checkpoint is None:
-        parser.error("give SET SEED N and --artery-checkpoint, or --rule TABLE ...")
+    if args.set is None or args.seed is None or args.n is None:
+        parser.error("give SET SEED N, or --rule TABLE ...")
     from cacflow.inference import CalciumSegmenter
     from cacflow.model.engines import ModelFiles, create_engine
 
     model = ModelFiles(Path(__file__).resolve().parents[2] / "src/cacflow/model/weights")
     segmenter = CalciumSegmenter.for_model(create_engine("onnxruntime", model, threads=2), model)
-    network = artery_map(args.artery_checkpoint)
+    network = artery_map(args.artery_checkpoint) if args.artery_checkpoint else None
     fine_map = None
     if args.fine_artery_map:
         from fine_artery_map import load_map  # beside this script, first on sys.path when it runs
