@@ -8,7 +8,7 @@ Reads tables of ``place_ceiling.py`` (one per cohort, scans of record in partici
 order) and, for three oracles, prints CAC >= 1 sensitivity and specificity pooled over
 the tables with Wilson 95 % intervals, and how many cohorts meet both targets: each
 table whole, and every full block of ``--block`` participants (1-120, 121-240, ... of
-each table; a table of exactly one block counts once). ``--model-pairs NAME=pairs.csv``
+each table, a participant's visits together; a table no larger than a block is one). ``--model-pairs NAME=pairs.csv``
 (``cacflow evaluate``'s pairs) counts a model the same way on its own cohort.
 
 Then, for each oracle and the pooled model, the chance that a cohort of the blocks'
