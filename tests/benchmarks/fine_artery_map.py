@@ -37,9 +37,7 @@ N_PHANTOMS, HELD_OUT = 300, 20
 def _sample_grid(center_yx, pixel_mm: float):
     """Source-pixel coordinates of the patch's 0.5 mm grid centred on ``center_yx``."""
     offsets = (np.arange(PATCH) - (PATCH - 1) / 2) * PIXEL_MM / pixel_mm
-    rows = center_yx[0] + offsets[:, None] + 0 * offsets[None, :]
-    cols = center_yx[1] + offsets[None, :] + 0 * offsets[:, None]
-    return rows, cols
+    return np.meshgrid(center_yx[0] + offsets, center_yx[1] + offsets, indexing="ij")
 
 
 def image_patch(hu: np.ndarray, z: int, center_yx, pixel_mm: float) -> np.ndarray:

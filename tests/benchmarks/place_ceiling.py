@@ -156,6 +156,16 @@ def analyse_scan(job) -> dict | None:
     }
 
 
+def oracle_calls(scan: dict, tolerance: float = 0.0, area_floor: float = MIN_AREA_MM2,
+                 peak_floor: float = THRESHOLD_HU, knows_kind: bool = True) -> list[dict]:
+    """The scan's candidates the oracle calls coronary: within ``tolerance`` mm of an
+    artery, of at least ``area_floor`` and ``peak_floor``, and (``knows_kind``) not
+    touching non-coronary calcium. The scan is called CAC >= 1 when their Agatston sum
+    is at least 1."""
+    return [c for c in scan["candidates"] if (not knows_kind or c["what"] != "noncoronary")
+            and c["distance_mm"] <= tolerance and c["area_mm2"] >= area_floor and c["peak_hu"] >= peak_floor]
+
+
 def rule_result(scans: list[dict], tolerance: float, area_floor: float, peak_floor: float) -> dict:
     """CAC >= 1 detection of the oracle that calls every candidate within ``tolerance``
     mm of an artery, not touching non-coronary calcium, of at least ``area_floor`` and
@@ -163,8 +173,7 @@ def rule_result(scans: list[dict], tolerance: float, area_floor: float, peak_flo
     tp = fp = fn = tn = 0
     false_by = {"noise": 0, "plaque_the_reference_scores_under_1": 0}
     for scan in scans:
-        calls = [c for c in scan["candidates"] if c["what"] != "noncoronary" and c["distance_mm"] <= tolerance
-                 and c["area_mm2"] >= area_floor and c["peak_hu"] >= peak_floor]
+        calls = oracle_calls(scan, tolerance, area_floor, peak_floor)
         called = sum(c["agatston"] for c in calls) >= 1.0
         positive = scan["reference_agatston"] >= 1.0
         tp, fp = tp + (called and positive), fp + (called and not positive)

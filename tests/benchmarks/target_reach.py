@@ -31,15 +31,11 @@ TARGET = 0.98  # must-hold 4: CAC >= 1 sensitivity and specificity
 BLOCK_PARTICIPANTS = 120  # cohort B's size
 
 
-def _on_artery(candidate: dict) -> bool:
-    return candidate["distance_mm"] <= 0.0
-
-
-# What each oracle calls coronary among a scan's candidates (place_ceiling.py's rows).
+# Each oracle's options to place_ceiling.oracle_calls (candidates on an artery, 0 mm).
 ORACLES = {
-    "place_and_kind": lambda c: _on_artery(c) and c["what"] != "noncoronary",
-    "place_and_kind_peak150": lambda c: _on_artery(c) and c["what"] != "noncoronary" and c["peak_hu"] >= 150.0,
-    "place_only": _on_artery,
+    "place_and_kind": {},
+    "place_and_kind_peak150": {"peak_floor": 150.0},
+    "place_only": {"knows_kind": False},
 }
 
 
@@ -47,10 +43,12 @@ def scans_of(path: str) -> list[dict]:
     return [row for row in map(json.loads, open(path)) if row["type"] == "scan"]
 
 
-def oracle_outcomes(scans: list[dict], calls) -> list[tuple[str, bool, bool]]:
+def oracle_outcomes(scans: list[dict], options: dict) -> list[tuple[str, bool, bool]]:
     """(participant, reference positive, called positive) per scan."""
+    from place_ceiling import oracle_calls  # beside this script, first on sys.path when it runs
+
     return [(scan["participant_id"], scan["reference_agatston"] >= 1.0,
-             sum(c["agatston"] for c in scan["candidates"] if calls(c)) >= 1.0) for scan in scans]
+             sum(c["agatston"] for c in oracle_calls(scan, **options)) >= 1.0) for scan in scans]
 
 
 def model_outcomes(pairs_csv: str) -> list[tuple[str, bool, bool]]:
@@ -119,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block", type=int, default=BLOCK_PARTICIPANTS)
     args = parser.parse_args(argv)
     tables = {path: scans_of(path) for path in args.tables}
-    for name, calls in ORACLES.items():
-        cohorts = {path: oracle_outcomes(scans, calls) for path, scans in tables.items()}
+    for name, options in ORACLES.items():
+        cohorts = {path: oracle_outcomes(scans, options) for path, scans in tables.items()}
         print(json.dumps(summary(name, cohorts, args.block)))
     if args.model_pairs:
         cohorts = dict(item.split("=", 1) for item in args.model_pairs)

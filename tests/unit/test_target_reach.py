@@ -16,7 +16,7 @@ def target_reach():
 
 
 def _candidate(what, agatston, distance=0.0, peak=180.0):
-    return {"what": what, "agatston": agatston, "distance_mm": distance, "peak_hu": peak}
+    return {"what": what, "agatston": agatston, "distance_mm": distance, "peak_hu": peak, "area_mm2": 1.2}
 
 
 def _scan(participant, reference, *candidates):
@@ -41,8 +41,8 @@ def test_confusion_of_each_oracle(target_reach):
         "place_and_kind_peak150": (1, 2, 2, 2),
         "place_only": (2, 1, 1, 3),
     }
-    for name, calls in target_reach.ORACLES.items():
-        counts = target_reach.confusion(target_reach.oracle_outcomes(SCANS, calls))
+    for name, options in target_reach.ORACLES.items():
+        counts = target_reach.confusion(target_reach.oracle_outcomes(SCANS, options))
         assert (counts["tp"], counts["fn"], counts["tn"], counts["fp"]) == expected[name], name
 
 
