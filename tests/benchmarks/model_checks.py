@@ -19,7 +19,8 @@
   (32000001 and 42000001 for the sixth candidate, docs/evaluation.md).
 * specks (only when asked for, e.g. --specks 40): phantoms with no planned coronary
   lesions but 1-3 faint, tiny coronary plaques each (``PhantomSettings.speck_lesions``;
-  about 40 % of them score 0, so some scans are negatives), seed 23000001: sensitivity
+  about 40 % of them score 0, so some scans are negatives), seed 23000001 unless
+  --specks-seed names another: sensitivity
   for calcium at the edge of what a scan shows, where the model's misses lie
   (docs/evaluation.md).
 * thin: 40 phantoms reconstructed as 1.25 mm slices, thinner than any training scan
@@ -85,6 +86,8 @@ def main() -> None:
                              "designed after that set's results, docs/evaluation.md)")
     parser.add_argument("--unfamiliar-seed", type=int, default=41_000_001,
                         help="seed of the unfamiliar check (default 41000001; likewise)")
+    parser.add_argument("--specks-seed", type=int, default=23_000_001,
+                        help="seed of the speck check (default 23000001; likewise)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--scans", action="store_true", help="print the per-scan rows too")
     parser.add_argument("--engine", choices=("onnxruntime", "onnxruntime-fp32"), default="onnxruntime",
@@ -100,7 +103,7 @@ def main() -> None:
         ("unfamiliar", args.unfamiliar,
          lambda n: unfamiliar_calcium_check(folder, n, args.unfamiliar_seed, workers, engine=engine)),
         ("specks", args.specks,
-         lambda n: holdout_check(folder, n, 23_000_001, workers, change="specks", engine=engine)),
+         lambda n: holdout_check(folder, n, args.specks_seed, workers, change="specks", engine=engine)),
         ("thin", args.thin, lambda n: holdout_check(folder, n, 12_500_001, workers, change="thin", engine=engine)),
         *[(name, args.outside, lambda n, change=change, seed=seed: holdout_check(
             folder, n, seed, workers, change=change, engine=engine)) for name, change, seed in OUTSIDE_CHECKS],
