@@ -20,9 +20,8 @@
 * specks (only when asked for, e.g. --specks 40): phantoms with no planned coronary
   lesions but 1-3 faint, tiny coronary plaques each (``PhantomSettings.speck_lesions``;
   about 40 % of them score 0, so some scans are negatives), seed 23000001 unless
-  --specks-seed names another: sensitivity
-  for calcium at the edge of what a scan shows, where the model's misses lie
-  (docs/evaluation.md).
+  --specks-seed names another: sensitivity for calcium at the edge of what a scan
+  shows, where the model's misses lie (docs/evaluation.md).
 * thin: 40 phantoms reconstructed as 1.25 mm slices, thinner than any training scan
   (2.5-5 mm slices; some at half increments, so 1.25 mm apart, but never 1.25 mm
   thick, with its higher noise); thin recons are common in chest CT archives.

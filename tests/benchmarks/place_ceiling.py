@@ -166,6 +166,11 @@ def oracle_calls(scan: dict, tolerance: float = 0.0, area_floor: float = MIN_ARE
             and c["distance_mm"] <= tolerance and c["area_mm2"] >= area_floor and c["peak_hu"] >= peak_floor]
 
 
+def called_positive(calls: list[dict]) -> bool:
+    """Whether the oracle's calls (``oracle_calls``) make the scan CAC >= 1."""
+    return sum(c["agatston"] for c in calls) >= 1.0
+
+
 def rule_result(scans: list[dict], tolerance: float, area_floor: float, peak_floor: float) -> dict:
     """CAC >= 1 detection of the oracle that calls every candidate within ``tolerance``
     mm of an artery, not touching non-coronary calcium, of at least ``area_floor`` and
@@ -174,7 +179,7 @@ def rule_result(scans: list[dict], tolerance: float, area_floor: float, peak_flo
     false_by = {"noise": 0, "plaque_the_reference_scores_under_1": 0}
     for scan in scans:
         calls = oracle_calls(scan, tolerance, area_floor, peak_floor)
-        called = sum(c["agatston"] for c in calls) >= 1.0
+        called = called_positive(calls)
         positive = scan["reference_agatston"] >= 1.0
         tp, fp = tp + (called and positive), fp + (called and not positive)
         fn, tn = fn + (positive and not called), tn + (not positive and not called)

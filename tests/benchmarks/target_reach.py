@@ -45,10 +45,10 @@ def scans_of(path: str) -> list[dict]:
 
 def oracle_outcomes(scans: list[dict], options: dict) -> list[tuple[str, bool, bool]]:
     """(participant, reference positive, called positive) per scan."""
-    from place_ceiling import oracle_calls  # beside this script, first on sys.path when it runs
+    from place_ceiling import called_positive, oracle_calls  # beside this script, first on sys.path when it runs
 
-    return [(scan["participant_id"], scan["reference_agatston"] >= 1.0,
-             sum(c["agatston"] for c in oracle_calls(scan, **options)) >= 1.0) for scan in scans]
+    return [(scan["participant_id"], scan["reference_agatston"] >= 1.0, called_positive(oracle_calls(scan, **options)))
+            for scan in scans]
 
 
 def model_outcomes(pairs_csv: str) -> list[tuple[str, bool, bool]]:
