@@ -40,7 +40,7 @@ IN_PLANE_8_CONNECTED[1] = True
 # category of both wrongly categorised scans; the narrower ones held neither.
 AMBIGUOUS_CORONARY_SHARE = (0.1, 0.9)
 
-# Slices per engine call (the int8 graph's activation ranges are calibrated on such batches).
+# Slices per engine call.
 BATCH_SLICES = 16
 
 
@@ -101,7 +101,7 @@ class CalciumSegmenter:
 
 def engine_logits(engine, inputs: np.ndarray, batch_slices: int = BATCH_SLICES) -> np.ndarray:
     """``engine`` (inputs [n, C, H, W] -> logits) run over every slice of ``inputs``,
-    ``batch_slices`` slices per call, as the int8 graph was calibrated."""
+    ``batch_slices`` slices per call."""
     return np.concatenate([engine(inputs[i : i + batch_slices]) for i in range(0, len(inputs), batch_slices)])
 
 

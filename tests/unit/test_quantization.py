@@ -95,6 +95,20 @@ def test_quantizing_the_same_graph_on_the_same_phantoms_gives_the_same_file(smal
     assert (tmp_path / "again.onnx").read_bytes() == small_model.int8_onnx_path.read_bytes()
 
 
+def test_how_calibration_slices_are_batched_does_not_change_the_copy(small_model, tmp_path, monkeypatch):
+    # Each activation's range is its min and max over all slices, and slices are computed
+    # alone, so one slice per run must give the same file as the default batches (which
+    # a 0.75 mm grid needs: 16-slice runs there overflowed 24 GB).
+    from cacflow.model import quantization
+    from cacflow.model.quantization import phantom_inputs
+
+    calibration = phantom_inputs([0], training_stream(20261126))
+    assert len(calibration[0]) > quantization.CALIBRATION_BATCH_SLICES  # the default really batches
+    monkeypatch.setattr(quantization, "CALIBRATION_BATCH_SLICES", 1)
+    quantize_model(small_model.onnx_path, tmp_path / "one_slice_runs.onnx", calibration)
+    assert (tmp_path / "one_slice_runs.onnx").read_bytes() == small_model.int8_onnx_path.read_bytes()
+
+
 def test_cpu_engine_runs_the_int8_copy_unless_asked_for_fp32(small_model):
     batch = np.random.default_rng(2).normal(size=(3, N_INPUT_CHANNELS, 48, 64)).astype(np.float32)
     int8 = create_engine("onnxruntime", small_model, threads=1)

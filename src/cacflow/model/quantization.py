@@ -11,7 +11,8 @@ How it is quantized (ONNX Runtime static quantization, QDQ format):
 * weights per output channel, activations per tensor, with ranges set by the minimum
   and maximum each activation takes on the network inputs of ``CALIBRATION_PHANTOMS``
   phantoms of the model's own training stream (no evaluation scan is seen). Fixed
-  phantoms and a fixed method make the copy reproducible, byte for byte.
+  phantoms and a fixed method make the copy reproducible, byte for byte, in one
+  setting (another process may differ in the last bit of a few scales: docs/evaluation.md).
 * weights in 7 bits (``reduce_range``): x86 CPUs without VNNI add pairs of 8-bit
   products in 16 bits, which full 8-bit weights can overflow; with 7 the sums always
   fit, so every x86 CPU computes the same integers.
@@ -34,6 +35,12 @@ import numpy as np
 
 CALIBRATION_PHANTOMS = 8  # phantoms 0-7 of the stream calibrate
 PARITY_PHANTOMS = 4  # the next 4 check
+# Slices per calibration run. Each activation's range is its minimum and maximum over
+# every calibration slice, and each slice is computed alone, so the ranges (and the
+# copy, byte for byte) do not depend on how slices are batched. The calibration graph
+# keeps every activation of a run at once; 4 slices keep that within 24 GB on a 0.75 mm
+# grid (four times the cells of 1.5 mm), where 16 slices (the engine's batch) did not.
+CALIBRATION_BATCH_SLICES = 4
 # The shipped copy keeps 99.999 %; a copy far below this is broken, not rounded.
 MIN_SAME_CLASS_SHARE = 0.999
 
@@ -60,12 +67,12 @@ def quantize_model(float_path: Path, int8_path: Path, calibration: list[np.ndarr
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from cacflow.atomic import atomic_write_bytes
-    from cacflow.inference import BATCH_SLICES  # activation ranges seen on the engine's batches
 
     class Batches(CalibrationDataReader):
         def __init__(self):
-            self._batches = iter([{"inputs": volume[i : i + BATCH_SLICES]}
-                                  for volume in calibration for i in range(0, len(volume), BATCH_SLICES)])
+            step = CALIBRATION_BATCH_SLICES
+            self._batches = iter([{"inputs": volume[i : i + step]}
+                                  for volume in calibration for i in range(0, len(volume), step)])
 
         def get_next(self):
             return next(self._batches, None)
