@@ -102,10 +102,29 @@ def test_how_calibration_slices_are_batched_does_not_change_the_copy(small_model
     from cacflow.model import quantization
     from cacflow.model.quantization import phantom_inputs
 
+    import onnxruntime.quantization as ort_quantization
+
     calibration = phantom_inputs([0], training_stream(20261126))
     assert len(calibration[0]) > quantization.CALIBRATION_BATCH_SLICES  # the default really batches
+    run_sizes = []
+    real_quantize_static = ort_quantization.quantize_static
+
+    def quantize_static_seeing_runs(model_input, model_output, reader, **options):
+        real_get_next = reader.get_next
+
+        def get_next():
+            batch = real_get_next()
+            if batch is not None:
+                run_sizes.append(len(batch["inputs"]))
+            return batch
+
+        reader.get_next = get_next
+        return real_quantize_static(model_input, model_output, reader, **options)
+
+    monkeypatch.setattr(ort_quantization, "quantize_static", quantize_static_seeing_runs)
     monkeypatch.setattr(quantization, "CALIBRATION_BATCH_SLICES", 1)
     quantize_model(small_model.onnx_path, tmp_path / "one_slice_runs.onnx", calibration)
+    assert run_sizes and set(run_sizes) == {1}  # the calibrator really saw one slice per run
     assert (tmp_path / "one_slice_runs.onnx").read_bytes() == small_model.int8_onnx_path.read_bytes()
 
 

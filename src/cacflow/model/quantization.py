@@ -11,8 +11,9 @@ How it is quantized (ONNX Runtime static quantization, QDQ format):
 * weights per output channel, activations per tensor, with ranges set by the minimum
   and maximum each activation takes on the network inputs of ``CALIBRATION_PHANTOMS``
   phantoms of the model's own training stream (no evaluation scan is seen). Fixed
-  phantoms and a fixed method make the copy reproducible, byte for byte, in one
-  setting (another process may differ in the last bit of a few scales: docs/evaluation.md).
+  phantoms and a fixed method make the copy reproducible, byte for byte, within one
+  environment; a copy made in another process may differ in the last bit of a few
+  activation scales (docs/evaluation.md, "The int8 copy of the graph").
 * weights in 7 bits (``reduce_range``): x86 CPUs without VNNI add pairs of 8-bit
   products in 16 bits, which full 8-bit weights can overflow; with 7 the sums always
   fit, so every x86 CPU computes the same integers.
@@ -36,10 +37,10 @@ import numpy as np
 CALIBRATION_PHANTOMS = 8  # phantoms 0-7 of the stream calibrate
 PARITY_PHANTOMS = 4  # the next 4 check
 # Slices per calibration run. Each activation's range is its minimum and maximum over
-# every calibration slice, and each slice is computed alone, so the ranges (and the
-# copy, byte for byte) do not depend on how slices are batched. The calibration graph
-# keeps every activation of a run at once; 4 slices keep that within 24 GB on a 0.75 mm
-# grid (four times the cells of 1.5 mm), where 16 slices (the engine's batch) did not.
+# every calibration slice (plain min/max, no moving average), and each slice is
+# computed alone, so the ranges (and the copy, byte for byte) do not depend on how
+# slices are batched. On a 0.75 mm grid (four times the cells of 1.5 mm) a 16-slice
+# calibration run (the engine's batch) needed more than 24 GB; 4-slice runs fit.
 CALIBRATION_BATCH_SLICES = 4
 # The shipped copy keeps 99.999 %; a copy far below this is broken, not rounded.
 MIN_SAME_CLASS_SHARE = 0.999
