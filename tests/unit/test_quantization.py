@@ -78,6 +78,14 @@ def small_model(tmp_path_factory):
     return ModelFiles(directory)
 
 
+@pytest.fixture(scope="module")
+def small_model_calibration():
+    """The network inputs ``small_model``'s export calibrated on (phantom 0 of its stream)."""
+    from cacflow.model.quantization import phantom_inputs
+
+    return phantom_inputs([0], training_stream(20261126))
+
+
 def test_export_writes_the_int8_copy_and_model_json_records_it(small_model):
     record = small_model.info["int8"]
     assert small_model.int8_onnx_path.is_file()
@@ -87,24 +95,22 @@ def test_export_writes_the_int8_copy_and_model_json_records_it(small_model):
     assert not list(small_model.directory.glob("*.tmp")) and not list(small_model.directory.glob("tmp*"))
 
 
-def test_quantizing_the_same_graph_on_the_same_phantoms_gives_the_same_file(small_model, tmp_path):
-    from cacflow.model.quantization import phantom_inputs
-
-    calibration = phantom_inputs([0], training_stream(20261126))  # what export calibrated on
-    quantize_model(small_model.onnx_path, tmp_path / "again.onnx", calibration)
+def test_quantizing_the_same_graph_on_the_same_phantoms_gives_the_same_file(small_model, small_model_calibration,
+                                                                              tmp_path):
+    quantize_model(small_model.onnx_path, tmp_path / "again.onnx", small_model_calibration)
     assert (tmp_path / "again.onnx").read_bytes() == small_model.int8_onnx_path.read_bytes()
 
 
-def test_how_calibration_slices_are_batched_does_not_change_the_copy(small_model, tmp_path, monkeypatch):
+def test_how_calibration_slices_are_batched_does_not_change_the_copy(small_model, small_model_calibration, tmp_path,
+                                                                    monkeypatch):
     # Each activation's range is its min and max over all slices, and slices are computed
     # alone, so one slice per run must give the same file as the default batches (which
     # a 0.75 mm grid needs: 16-slice runs there overflowed 24 GB).
-    from cacflow.model import quantization
-    from cacflow.model.quantization import phantom_inputs
-
     import onnxruntime.quantization as ort_quantization
 
-    calibration = phantom_inputs([0], training_stream(20261126))
+    from cacflow.model import quantization
+
+    calibration = small_model_calibration
     assert len(calibration[0]) > quantization.CALIBRATION_BATCH_SLICES  # the default really batches
     run_sizes = []
     real_quantize_static = ort_quantization.quantize_static
