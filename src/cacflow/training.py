@@ -48,6 +48,7 @@ from cacflow.model.engines import file_sha256
 from cacflow.model.quantization import CALIBRATION_PHANTOMS
 from cacflow.model.preprocessing import (
     IGNORE_INDEX,
+    SIZE_MULTIPLE,
     TARGET_SPACING_MM,
     artery_targets,
     input_channels,
@@ -146,6 +147,14 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         # Checked here, before a dataset folder is claimed for the recipe (dataset.json).
         _check_acquisition(self.acquisition)
+        # The engines pad every slice to SIZE_MULTIPLE; a network that pools more often
+        # would fail only at export, hours into a run.
+        network_multiple = 2 ** (len(self.widths) - 1)
+        if SIZE_MULTIPLE % network_multiple or self.crop % network_multiple:
+            raise ValueError(f"widths {tuple(self.widths)} pool {len(self.widths) - 1} times, so the network takes "
+                             f"sizes that are multiples of {network_multiple}: the crop ({self.crop}) and the "
+                             f"engines' padding (cacflow.model.preprocessing.SIZE_MULTIPLE = {SIZE_MULTIPLE}) "
+                             "must both be")
         if self.artery_loss_weight < 0:
             raise ValueError(f"artery_loss_weight must be 0 or more, not {self.artery_loss_weight}")
         if self.learns_arteries and self.coca_root:
@@ -831,12 +840,12 @@ def export_onnx(network, onnx_path: Path) -> float:
     tmp = onnx_path.with_name(onnx_path.name + ".tmp")
     channels = first_layer_channels(network.state_dict())
     torch.onnx.export(
-        network, (torch.randn(2, channels, 96, 128),), str(tmp), input_names=["inputs"],
+        network, (torch.randn(2, channels, 6 * SIZE_MULTIPLE, 8 * SIZE_MULTIPLE),), str(tmp), input_names=["inputs"],
         output_names=["logits"],
         dynamic_axes={"inputs": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}},
         opset_version=17, dynamo=False,
     )
-    check = torch.randn(3, channels, 144, 112)
+    check = torch.randn(3, channels, 9 * SIZE_MULTIPLE, 7 * SIZE_MULTIPLE)  # another shape than the traced one
     with torch.inference_mode():
         expected = network(check).numpy()
     got = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(None, {"inputs": check.numpy()})[0]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cacflow import cli, training
+from cacflow.model.preprocessing import SIZE_MULTIPLE
 from cacflow.training import TrainingConfig, build_dataset, resolve_training_device
 
 SMALL_NETWORK = (8, 8, 16, 16, 16)
@@ -728,6 +729,18 @@ def test_an_artery_map_is_refused_for_coca_and_below_zero(tmp_path):
     with pytest.raises(ValueError, match="0 or more"):
         TrainingConfig(work_dir=str(tmp_path), model_dir=str(tmp_path / "m"), artery_loss_weight=-1.0)
 
+
+
+def test_a_network_the_engines_cannot_pad_for_is_refused_before_training(tmp_path):
+    # Five poolings need sizes in multiples of 32; the engines pad to 16 (SIZE_MULTIPLE),
+    # so such a run would only fail at export, after its training.
+    assert SIZE_MULTIPLE == 16
+    folders = {"work_dir": str(tmp_path), "model_dir": str(tmp_path / "m")}
+    with pytest.raises(ValueError, match="multiples of 32"):
+        TrainingConfig(**folders, widths=(16, 24, 32, 48, 64, 96))
+    with pytest.raises(ValueError, match=r"crop \(100\)"):
+        TrainingConfig(**folders, crop=100)
+    assert TrainingConfig(**folders, widths=(8, 16, 32), crop=100).crop == 100  # two poolings: multiples of 4
 
 def test_cli_passes_the_artery_loss_weight(tmp_path, monkeypatch):
     recipes = []
