@@ -55,6 +55,7 @@ from cacflow.model.preprocessing import (
     input_set_record,
     network_inputs,
     network_targets,
+    size_multiple,
 )
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ class TrainingConfig:
         _check_acquisition(self.acquisition)
         # The engines pad every slice to SIZE_MULTIPLE; a network that pools more often
         # would fail only at export, hours into a run.
-        network_multiple = 2 ** (len(self.widths) - 1)
+        network_multiple = size_multiple(self.widths)
         if SIZE_MULTIPLE % network_multiple or self.crop % network_multiple:
             raise ValueError(f"widths {tuple(self.widths)} pool {len(self.widths) - 1} times, so the network takes "
                              f"sizes that are multiples of {network_multiple}: the crop ({self.crop}) and the "

@@ -730,7 +730,6 @@ def test_an_artery_map_is_refused_for_coca_and_below_zero(tmp_path):
         TrainingConfig(work_dir=str(tmp_path), model_dir=str(tmp_path / "m"), artery_loss_weight=-1.0)
 
 
-
 def test_a_network_the_engines_cannot_pad_for_is_refused_before_training(tmp_path):
     # Five poolings need sizes in multiples of 32; the engines pad to 16 (SIZE_MULTIPLE),
     # so such a run would only fail at export, after its training.
@@ -741,6 +740,7 @@ def test_a_network_the_engines_cannot_pad_for_is_refused_before_training(tmp_pat
     with pytest.raises(ValueError, match=r"crop \(100\)"):
         TrainingConfig(**folders, crop=100)
     assert TrainingConfig(**folders, widths=(8, 16, 32), crop=100).crop == 100  # two poolings: multiples of 4
+
 
 def test_cli_passes_the_artery_loss_weight(tmp_path, monkeypatch):
     recipes = []

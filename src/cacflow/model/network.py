@@ -23,6 +23,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from cacflow.model.preprocessing import size_multiple
+
 N_CLASSES = 5
 
 
@@ -39,7 +41,7 @@ def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
 
 class CalciumNet(nn.Module):
     """U-Net with ``len(widths) - 1`` poolings; input H and W must be multiples
-    of ``2 ** (len(widths) - 1)`` (the preprocessing pads to that)."""
+    of ``size_multiple(widths)`` (the preprocessing pads to SIZE_MULTIPLE)."""
 
     def __init__(self, in_channels: int, widths: tuple[int, ...] = (16, 24, 32, 48, 64), artery_head: bool = False):
         super().__init__()
@@ -58,7 +60,7 @@ class CalciumNet(nn.Module):
 
     @property
     def size_multiple(self) -> int:
-        return 2 ** (len(self.widths) - 1)
+        return size_multiple(self.widths)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self._features(x))

@@ -30,9 +30,15 @@ TARGET_SPACING_MM = 1.5
 N_INPUT_CHANNELS = 6  # the standard input set's
 # Input sets a model can be trained on: name -> channels (model.json ``input_set``).
 INPUT_SETS = {"standard": N_INPUT_CHANNELS, "subcell": N_INPUT_CHANNELS + 4}
-SIZE_MULTIPLE = 16  # 2 ** number of poolings in CalciumNet
+SIZE_MULTIPLE = 16  # what the engines pad to: size_multiple of the shipped widths
 IGNORE_INDEX = -1
 DENSITY_RANGE_HU = 2370.0  # threshold + this = 2500 HU
+
+
+def size_multiple(widths: tuple[int, ...]) -> int:
+    """What a CalciumNet of these widths needs its input height and width to be a
+    multiple of: it pools ``len(widths) - 1`` times."""
+    return 2 ** (len(widths) - 1)
 
 
 @dataclass(frozen=True)
